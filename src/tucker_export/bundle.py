@@ -1,0 +1,293 @@
+"""The deployment bundle: one folder that carries a model from ``decompose`` to ``infer``.
+
+Layout::
+
+    BUNDLE/
+      bundle.json              the manifest (this module owns its schema)
+      plans.json, dataset.json copied unchanged from the source model folder
+      weights/fold_<f>.safetensors
+      onnx/fold_<f>.<precision>.onnx
+      engines/<gpu-kind>/...   TensorRT engines, keyed in the manifest
+      timing_caches/<gpu-kind>.cache
+
+``decompose`` creates it, ``export`` and ``build`` add entries, ``infer``/``validate``/``bench``
+read it. Every manifest update is an atomic rewrite of ``bundle.json``.
+
+Manifest schema (``format_version`` 1), top level keys:
+
+- ``format``, ``format_version``, ``created``, ``versions`` (tucker_export, nnunetv2, torch)
+- ``source``: ``model_dir``, ``checksum`` (sha256 over plans, dataset.json and the checkpoints
+  used), ``trainer_name``, ``plans_name``, ``configuration``, ``checkpoint_name``
+- ``model``: ``num_input_channels``, ``num_segmentation_heads``, ``patch_size``,
+  ``allowed_mirroring_axes``, ``label_names``
+- ``rank_policy``: the policy and its parameters, as given
+- ``folds``: ``{"<fold>": {"weights": {"file", "sha256"}, "layers": [...], "totals": {...}}}``;
+  each layer entry: ``name``, ``op``, ``action`` ("factorized" or "kept"), ``reason``, ``ranks``
+  (``[out_rank, in_rank]`` when factorized), ``params_before/after``, ``macs_before/after``,
+  ``relative_error``
+- ``onnx``: ``{"fold_<f>.<precision>": {"file", "sha256", "fold", "precision", "opset", "parity"}}``
+- ``engines``: ``{"<engine key>": {...}}`` (see ``tucker_export.engines``)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tucker_export._io import sha256_file, write_json_atomic
+from tucker_export.errors import BundleError
+
+if TYPE_CHECKING:
+    import torch
+
+    from tucker_export.nnunet.loading import Fold, ModelSpec
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "bundle.json"
+FORMAT_NAME = "tucker-export-bundle"
+FORMAT_VERSION = 1
+
+
+def fold_key(fold: Fold) -> str:
+    return str(fold)
+
+
+def versions() -> dict[str, str]:
+    """Versions that matter for reproducing a bundle."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import tucker_export
+
+    found = {"tucker_export": tucker_export.__version__}
+    for package in ("nnunetv2", "torch"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Bundle:
+    """A deployment bundle on disk: the manifest plus paths to everything it names."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.manifest = manifest
+        self._spec: ModelSpec | None = None
+
+    # ---- opening -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path) -> Bundle:
+        path = Path(path)
+        manifest_path = path / MANIFEST_NAME
+        if not path.is_dir():
+            raise BundleError(f"Bundle {path} does not exist; create one with `tucker-export decompose`.")
+        if not manifest_path.is_file():
+            raise BundleError(
+                f"{path} is not a tucker-export bundle (no {MANIFEST_NAME}); create one with `tucker-export decompose`."
+            )
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as error:
+            raise BundleError(f"{manifest_path} is corrupt ({error.msg} at line {error.lineno}).") from None
+        if manifest.get("format") != FORMAT_NAME:
+            raise BundleError(f"{manifest_path} is not a tucker-export manifest (format {manifest.get('format')!r}).")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise BundleError(
+                f"{manifest_path} has format version {manifest.get('format_version')}, this tucker-export "
+                f"reads version {FORMAT_VERSION}; re-create the bundle with `tucker-export decompose`."
+            )
+        return cls(path, manifest)
+
+    # ---- model description ----------------------------------------------------------------
+    @property
+    def spec(self) -> ModelSpec:
+        """The nnU-Net model description (plans, dataset.json, configuration) the bundle was made from."""
+        if self._spec is None:
+            from tucker_export.nnunet.loading import load_model_spec
+
+            source = self.manifest["source"]
+            mirroring = self.manifest["model"].get("allowed_mirroring_axes")
+            self._spec = load_model_spec(
+                self.path,
+                configuration=source["configuration"],
+                trainer_name=source["trainer_name"],
+                allowed_mirroring_axes=tuple(mirroring) if mirroring is not None else None,
+            )
+        return self._spec
+
+    @property
+    def folds(self) -> tuple[Fold, ...]:
+        from tucker_export.nnunet.loading import parse_fold
+
+        return tuple(parse_fold(f) for f in self.manifest["folds"])
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        return tuple(self.manifest["model"]["patch_size"])
+
+    @property
+    def num_input_channels(self) -> int:
+        return int(self.manifest["model"]["num_input_channels"])
+
+    @property
+    def num_segmentation_heads(self) -> int:
+        return int(self.manifest["model"]["num_segmentation_heads"])
+
+    def fold_entry(self, fold: Fold) -> dict[str, Any]:
+        try:
+            return self.manifest["folds"][fold_key(fold)]
+        except KeyError:
+            have = ", ".join(self.manifest["folds"]) or "none"
+            raise BundleError(f"Bundle {self.path} has no fold {fold} (folds: {have}).") from None
+
+    def resolve_folds(self, folds: tuple[Fold, ...] | list[Fold] | None) -> tuple[Fold, ...]:
+        """The requested folds, checked against the bundle; ``None`` means all of them."""
+        if not folds:
+            return self.folds
+        for fold in folds:
+            self.fold_entry(fold)
+        from tucker_export.nnunet.loading import parse_fold
+
+        return tuple(parse_fold(f) for f in folds)
+
+    # ---- weights and networks -------------------------------------------------------------
+    def weights_path(self, fold: Fold) -> Path:
+        return self.path / self.fold_entry(fold)["weights"]["file"]
+
+    def build_network(self, fold: Fold) -> torch.nn.Module:
+        """Rebuild the (factorized) network of ``fold`` from the manifest and load its weights.
+
+        No decomposition runs: the layer list says which convolutions are factorized with which
+        ranks, and the safetensors file holds the factors.
+        """
+        from safetensors.torch import load_file
+
+        from tucker_export.exporter.tucker import apply_factorized_structure
+        from tucker_export.nnunet.loading import load_state_dict_checked
+
+        entry = self.fold_entry(fold)
+        weights = self.weights_path(fold)
+        if not weights.is_file():
+            raise BundleError(f"Bundle {self.path} lacks the weights of fold {fold} ({weights}).")
+        network = self.spec.build_network()
+        apply_factorized_structure(network, entry["layers"])
+        try:
+            state_dict = load_file(weights)
+        except Exception as error:  # safetensors raises its own SafetensorError
+            raise BundleError(f"Weights file {weights} cannot be read ({error}); re-run `tucker-export decompose`.") from None
+        load_state_dict_checked(network, state_dict, weights)
+        return network.eval()
+
+    # ---- artifacts ------------------------------------------------------------------------
+    def artifact_path(self, relative: str | Path) -> Path:
+        return self.path / relative
+
+    def record(self, section: str, key: str, entry: dict[str, Any]) -> None:
+        """Add or replace ``manifest[section][key]`` and save the manifest atomically."""
+        self.manifest.setdefault(section, {})[key] = entry
+        self.save()
+
+    def remove_record(self, section: str, key: str) -> None:
+        if self.manifest.get(section, {}).pop(key, None) is not None:
+            self.save()
+
+    def save(self) -> None:
+        self.manifest["updated"] = utc_now()
+        write_json_atomic(self.path / MANIFEST_NAME, self.manifest)
+
+    def verify_file(self, relative: str, expected_sha256: str) -> Path:
+        """The path of a bundle file whose checksum must match the manifest's record."""
+        path = self.path / relative
+        if not path.is_file():
+            raise BundleError(f"Bundle {self.path} lacks {relative}; re-run the step that makes it.")
+        actual = sha256_file(path)
+        if actual != expected_sha256:
+            raise BundleError(
+                f"{path} does not match the bundle manifest (sha256 {actual[:12]}..., recorded "
+                f"{expected_sha256[:12]}...); re-run the step that makes it."
+            )
+        return path
+
+
+def new_manifest(spec: ModelSpec, *, source_checksum: str, checkpoint_name: str) -> dict[str, Any]:
+    """The manifest skeleton of a new bundle made from ``spec``'s model folder."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "created": utc_now(),
+        "versions": versions(),
+        "source": {
+            "model_dir": str(spec.model_dir.resolve()),
+            "checksum": source_checksum,
+            "trainer_name": spec.trainer_name,
+            "plans_name": spec.plans.get("plans_name"),
+            "configuration": spec.configuration_name,
+            "checkpoint_name": checkpoint_name,
+        },
+        "model": {
+            "num_input_channels": spec.num_input_channels,
+            "num_segmentation_heads": spec.num_segmentation_heads,
+            "patch_size": list(spec.patch_size),
+            "allowed_mirroring_axes": list(spec.allowed_mirroring_axes) if spec.allowed_mirroring_axes is not None else None,
+            "label_names": {str(k): v for k, v in spec.label_names.items()},
+        },
+        "rank_policy": {},
+        "folds": {},
+        "onnx": {},
+        "engines": {},
+    }
+
+
+def model_checksum(model_dir: Path, checkpoint_paths: list[Path]) -> str:
+    """One sha256 over plans.json, dataset.json and the checkpoints, so a bundle names its exact source."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in [model_dir / "plans.json", model_dir / "dataset.json", *sorted(checkpoint_paths)]:
+        digest.update(path.name.encode())
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+@contextmanager
+def staged_bundle_dir(target: str | Path, *, overwrite: bool) -> Iterator[Path]:
+    """A fresh folder to build a bundle in; it replaces ``target`` only when the block succeeds.
+
+    An existing non-empty ``target`` is refused without ``overwrite`` and left untouched on failure.
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise BundleError(f"Bundle path {target} exists and is not a folder; choose another -o path.")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise BundleError(f"Bundle path {target} exists and is not empty; pass --overwrite to replace it.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.staging"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        yield staging
+        if target.exists():
+            old = target.parent / f".{target.name}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            target.rename(old)
+            staging.rename(target)
+            shutil.rmtree(old)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
