@@ -1,0 +1,20 @@
+"""Shared fixtures. tests/ is put on sys.path so test modules can import ``factories``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "totalsegmentator-example"
+
+
+@pytest.fixture(scope="session")
+def shared_ct_dir() -> Path:
+    """The real CT example from ../shared; users' clones do not have it, so tests skip without it."""
+    if not (SHARED_DATA / "example_ct.nii.gz").is_file():
+        pytest.skip(f"real CT example not found at {SHARED_DATA} (only present in this project's workplace)")
+    return SHARED_DATA
