@@ -1,0 +1,171 @@
+"""`tucker-export doctor`: what this machine can run, and why not the rest.
+
+Every probe is defensive: a missing or broken optional package is reported, never raised,
+because the point of the command is to explain an environment that may be half set up.
+"""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class CudaDevice:
+    index: int
+    name: str
+    compute_capability: str
+    memory_gib: float
+
+
+@dataclass
+class Backend:
+    name: str
+    usable: bool
+    why: str
+
+
+@dataclass
+class Diagnostics:
+    python: str
+    platform: str
+    packages: dict[str, str]
+    onnxruntime_providers: list[str]
+    cuda_devices: list[CudaDevice]
+    backends: list[Backend] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _package_version(module_name: str) -> str:
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return "not installed"
+    except Exception as error:  # a broken install (e.g. missing shared library) is worth reporting
+        return f"broken ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+    return str(getattr(module, "__version__", "unknown"))
+
+
+def _nnunet_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nnunetv2")
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def cuda_devices() -> list[CudaDevice]:
+    """CUDA devices as PyTorch sees them (empty without a CUDA build or driver)."""
+    try:
+        import torch
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    devices = []
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        devices.append(
+            CudaDevice(
+                index=index,
+                name=props.name,
+                compute_capability=f"{props.major}.{props.minor}",
+                memory_gib=round(props.total_memory / 2**30, 1),
+            )
+        )
+    return devices
+
+
+def onnxruntime_providers() -> list[str]:
+    try:
+        import onnxruntime
+    except ImportError:
+        return []
+    return list(onnxruntime.get_available_providers())
+
+
+def backend_availability(
+    packages: dict[str, str], providers: list[str], devices: list[CudaDevice]
+) -> list[Backend]:
+    """Which inference backends work here, each with the reason (plain logic, tested without GPUs)."""
+    has_cuda = bool(devices)
+    torch_ok = not packages["torch"].startswith(("not installed", "broken"))
+    ort_ok = not packages["onnxruntime"].startswith(("not installed", "broken"))
+    trt_ok = not packages["tensorrt"].startswith(("not installed", "broken"))
+    backends = [
+        Backend("torch (cpu)", torch_ok, "PyTorch imports" if torch_ok else f"torch is {packages['torch']}"),
+        Backend(
+            "torch (cuda)",
+            torch_ok and has_cuda,
+            "a CUDA device is visible to PyTorch" if has_cuda else "no CUDA device visible to PyTorch",
+        ),
+        Backend(
+            "ort (cpu)",
+            ort_ok and "CPUExecutionProvider" in providers,
+            "onnxruntime has the CPU provider" if ort_ok else f"onnxruntime is {packages['onnxruntime']}",
+        ),
+    ]
+    for provider, label in (("CUDAExecutionProvider", "ort (cuda)"), ("TensorrtExecutionProvider", "ort (tensorrt)")):
+        if provider not in providers:
+            why = f"onnxruntime has no {provider}: install the `gpu` extra (onnxruntime-gpu)"
+        elif not has_cuda:
+            why = f"{provider} is installed but no CUDA device is visible"
+        else:
+            why = f"{provider} available"
+        backends.append(Backend(label, provider in providers and has_cuda, why))
+    if not trt_ok:
+        trt_why = "tensorrt is not installed: install the `trt` extra on a machine with an NVIDIA GPU"
+    elif not has_cuda:
+        trt_why = f"tensorrt {packages['tensorrt']} is installed but no CUDA device is visible"
+    else:
+        trt_why = f"tensorrt {packages['tensorrt']} with {len(devices)} CUDA device(s)"
+    backends.append(Backend("trt", trt_ok and has_cuda, trt_why))
+    return backends
+
+
+def collect_diagnostics() -> Diagnostics:
+    packages = {
+        "tucker_export": _package_version("tucker_export"),
+        "torch": _package_version("torch"),
+        "nnunetv2": _nnunet_version(),
+        "onnx": _package_version("onnx"),
+        "onnxruntime": _package_version("onnxruntime"),
+        "tensorrt": _package_version("tensorrt"),
+    }
+    providers = onnxruntime_providers()
+    devices = cuda_devices()
+    return Diagnostics(
+        python=sys.version.split()[0],
+        platform=platform.platform(),
+        packages=packages,
+        onnxruntime_providers=providers,
+        cuda_devices=devices,
+        backends=backend_availability(packages, providers, devices),
+    )
+
+
+def format_diagnostics(diagnostics: Diagnostics) -> str:
+    lines = [f"python        {diagnostics.python} ({diagnostics.platform})"]
+    for name, version in diagnostics.packages.items():
+        lines.append(f"{name:<13} {version}")
+    lines.append(f"ort providers {', '.join(diagnostics.onnxruntime_providers) or 'none'}")
+    if diagnostics.cuda_devices:
+        for device in diagnostics.cuda_devices:
+            lines.append(
+                f"cuda:{device.index}        {device.name}, compute capability {device.compute_capability}, "
+                f"{device.memory_gib} GiB"
+            )
+    else:
+        lines.append("cuda devices  none")
+    lines.append("")
+    lines.append("backends")
+    for backend in diagnostics.backends:
+        mark = "yes" if backend.usable else "no "
+        lines.append(f"  {mark} {backend.name:<15} {backend.why}")
+    return "\n".join(lines)
