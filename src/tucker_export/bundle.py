@@ -174,7 +174,7 @@ class Bundle:
         """
         from safetensors.torch import load_file
 
-        from tucker_export.exporter.tucker import apply_factorized_structure
+        from tucker_export.exporter.tucker import apply_factorized_structure, restore_aliased_keys
         from tucker_export.nnunet.loading import load_state_dict_checked
 
         entry = self.fold_entry(fold)
@@ -187,6 +187,9 @@ class Bundle:
             state_dict = load_file(weights)
         except Exception as error:  # safetensors raises its own SafetensorError
             raise BundleError(f"Weights file {weights} cannot be read ({error}); re-run `tucker-export decompose`.") from None
+        # safetensors stores each tensor once; nnU-Net's aliased names (conv/all_modules.0,
+        # encoder/decoder.encoder) are put back from the module structure before strict loading.
+        state_dict = restore_aliased_keys(network, state_dict)
         load_state_dict_checked(network, state_dict, weights)
         return network.eval()
 
