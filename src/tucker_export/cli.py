@@ -132,6 +132,53 @@ def inspect(model_dir: Path, folds: tuple[str, ...], checkpoint_name: str, trust
     )))
 
 
+@cli.command()
+@click.option("-i", "--input", "input_path", required=True, type=click.Path(path_type=Path),
+              help="A folder of NIfTI images (nnU-Net's case_0000.nii.gz naming or plain case.nii.gz), one image "
+                   "file, a DICOM series folder, or a folder of DICOM series folders.")
+@click.option("-o", "--output", "output_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the segmentations (one case.nii.gz per case, with its input's geometry).")
+@click.option("-b", "--bundle", "bundle_path", type=click.Path(path_type=Path), default=None,
+              help="A bundle made by `tucker-export decompose`.")
+@click.option("-m", "--model", "model_dir", type=click.Path(path_type=Path), default=None,
+              help="An undecomposed nnU-Net trained model folder, run through the same path.")
+@click.option("--backend", type=click.Choice(["auto", "trt", "ort", "torch"]), default="auto", show_default=True,
+              help="auto: a matching TensorRT engine, else ONNX Runtime, else PyTorch.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("-f", "--folds", multiple=True, help="Folds to ensemble [default: all in the bundle/model].")
+@click.option("--step-size", type=float, default=0.5, show_default=True,
+              help="Sliding-window step as a fraction of the patch size (nnU-Net's default 0.5).")
+@click.option("--disable-tta", is_flag=True, help="No mirroring test-time augmentation (about 8x faster in 3D).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Tiles and mirror variants per engine call.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--save-probabilities", is_flag=True, help="Also write nnU-Net's .npz probabilities and .pkl properties.")
+@click.option("--overwrite", is_flag=True, help="Redo cases whose segmentation already exists (default: skip them).")
+@click.option("--trust-checkpoint", is_flag=True, help="With -m: allow full-pickle checkpoint loading.")
+@click.pass_context
+def infer(ctx: click.Context, input_path: Path, output_dir: Path, bundle_path: Path | None, model_dir: Path | None,
+          backend: str, precision: str, folds: tuple[str, ...], step_size: float, disable_tta: bool,
+          batch_size: int, device: str, save_probabilities: bool, overwrite: bool, trust_checkpoint: bool) -> None:
+    """Segment CT scans with a bundle (or a plain nnU-Net model), nnU-Net compatible.
+
+    Preprocessing, sliding window, mirroring, fold ensembling and export are nnU-Net's own; only the
+    network call goes through the chosen engine. Finished cases are skipped on a rerun; a case that
+    cannot be read is reported and skipped, and the command then exits with status 1.
+    """
+    from tucker_export.errors import TuckerExportError
+    from tucker_export.inference import run_inference
+
+    report = run_inference(
+        input_path, output_dir, bundle_path=bundle_path, model_dir=model_dir, backend=backend,
+        precision=precision, folds=_split_folds(folds), step_size=step_size, use_mirroring=not disable_tta,
+        batch_size=batch_size, device=device, save_probabilities=save_probabilities, overwrite=overwrite,
+        progress=ctx.obj["verbosity"] >= 0, trust_checkpoint=trust_checkpoint,
+    )
+    click.echo(report.summary())
+    if report.failed:
+        raise TuckerExportError(f"{len(report.failed)} of {len(report.results)} case(s) failed (listed above).")
+
+
 def _split_folds(folds: tuple[str, ...]) -> list[str] | None:
     """`-f 0 -f 1`, `-f 0,1` and `-f 0 1`-style lists all mean folds 0 and 1."""
     parts = [part for value in folds for part in value.replace(",", " ").split()]

@@ -1,0 +1,332 @@
+"""`tucker-export infer`: a folder of scans in, nnU-Net-identical segmentations out, through an engine.
+
+Each case goes through nnU-Net's own preprocessing, the engine-backed sliding window
+(``EnginePredictor``) and nnU-Net's export, one case at a time so that a bad case is reported
+and skipped while the others finish. Outputs are written to a temporary name and renamed, so an
+interrupted run leaves no partial file and a rerun skips the finished cases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from tucker_export.errors import ConfigurationError, InputImageError, TuckerExportError
+from tucker_export.nnunet.cases import Case, check_readable, discover_cases, read_dicom_series
+from tucker_export.nnunet.loading import Fold, ModelSpec
+from tucker_export.nnunet.predictor import EnginePredictor, FoldModel
+
+logger = logging.getLogger(__name__)
+
+Status = Literal["done", "skipped", "failed"]
+
+
+@dataclass
+class CaseResult:
+    name: str
+    status: Status
+    output: Path | None = None
+    error: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class InferenceReport:
+    results: list[CaseResult]
+    backend: str
+    backend_reason: str
+    precision: str
+    folds: tuple[Fold, ...]
+    batch_size: int
+
+    @property
+    def failed(self) -> list[CaseResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+    def summary(self) -> str:
+        counts = {s: sum(r.status == s for r in self.results) for s in ("done", "skipped", "failed")}
+        lines = [
+            f"{counts['done']} segmented, {counts['skipped']} skipped (already done), {counts['failed']} failed "
+            f"[{self.backend}, {self.precision}, folds {', '.join(map(str, self.folds))}, batch {self.batch_size}]"
+        ]
+        done = [r for r in self.results if r.status == "done"]
+        if done:
+            totals = {k: sum(r.seconds.get(k, 0.0) for r in done) for k in ("preprocess", "network", "export")}
+            whole = sum(totals.values()) or 1.0
+            lines.append(
+                "time: " + ", ".join(f"{k} {v:.1f} s ({100 * v / whole:.0f}%)" for k, v in totals.items())
+            )
+        for result in self.failed:
+            lines.append(f"FAILED {result.name}: {result.error}")
+        return "\n".join(lines)
+
+
+# ---- engines per fold ---------------------------------------------------------------------------
+
+
+@dataclass
+class FoldEngines:
+    """What the predictor needs: the model description and one engine callable per fold."""
+
+    spec: ModelSpec
+    fold_models: dict[Fold, FoldModel]
+    backend: str
+    reason: str
+
+
+def torch_fold_model(network: torch.nn.Module, device: torch.device) -> FoldModel:
+    network = network.to(device).eval()
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return network(batch.to(device))
+
+    return run
+
+
+@contextlib.contextmanager
+def open_fold_engines(
+    *,
+    bundle_path: str | Path | None,
+    model_dir: str | Path | None,
+    backend: str,
+    precision: str,
+    folds: list[Fold] | None,
+    device: str,
+    trust_checkpoint: bool = False,
+) -> Iterator[FoldEngines]:
+    """Open one engine per fold for a bundle or an nnU-Net model folder; closes them on exit."""
+    if (bundle_path is None) == (model_dir is None):
+        raise ConfigurationError("Give exactly one of a bundle (-b) or an nnU-Net model folder (-m).")
+    torch_device = _parse_device(device)
+    with contextlib.ExitStack() as stack:
+        if model_dir is not None and backend == "torch":
+            from tucker_export.nnunet.loading import load_trained_model
+
+            loaded = load_trained_model(model_dir, folds, trust_checkpoint=trust_checkpoint)
+            yield FoldEngines(
+                loaded.spec,
+                {f: torch_fold_model(n, torch_device) for f, n in loaded.networks.items()},
+                "torch",
+                "requested",
+            )
+            return
+        from tucker_export.bundle import Bundle
+
+        if model_dir is not None:
+            bundle = undecomposed_bundle(model_dir, trust_checkpoint=trust_checkpoint)
+        else:
+            bundle = Bundle.load(bundle_path)
+        selected_folds = bundle.resolve_folds(folds)
+        from tucker_export.engines.selection import open_runners
+
+        runners, backend_name, reason = open_runners(
+            stack, bundle, backend=backend, precision=precision, folds=selected_folds, device=torch_device
+        )
+        fold_models = {fold: _runner_fold_model(runner, torch_device) for fold, runner in runners.items()}
+        yield FoldEngines(bundle.spec, fold_models, backend_name, reason)
+
+
+def _runner_fold_model(runner, device: torch.device) -> FoldModel:
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        out = runner.infer(batch)
+        if isinstance(out, np.ndarray):
+            out = torch.from_numpy(out)
+        return out.to(device=batch.device, dtype=torch.float32)
+
+    return run
+
+
+def undecomposed_bundle(model_dir: str | Path, *, trust_checkpoint: bool = False):
+    """A cached bundle of the undecomposed model (rank mode ``none``), so -m runs through the same engines."""
+    from tucker_export.bundle import Bundle, model_checksum
+    from tucker_export.demo import demo_cache_dir
+    from tucker_export.exporter.decompose import decompose_model
+    from tucker_export.exporter.ranks import RankPolicy
+    from tucker_export.nnunet.loading import available_folds
+
+    model_dir = Path(model_dir)
+    folds = available_folds(model_dir)
+    checksum = model_checksum(model_dir, [model_dir / f"fold_{f}" / "checkpoint_final.pth" for f in folds])
+    target = demo_cache_dir() / "bundles" / f"original-{checksum[:16]}"
+    if (target / "bundle.json").is_file():
+        return Bundle.load(target)
+    logger.info("Preparing an undecomposed bundle of %s in %s (once per model).", model_dir, target)
+    return decompose_model(
+        model_dir, target, policy=RankPolicy(mode="none"), overwrite=True, trust_checkpoint=trust_checkpoint
+    )
+
+
+def _parse_device(device: str) -> torch.device:
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ConfigurationError(f"Device {device!r} is not 'cpu', 'cuda' or 'cuda:N'.") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigurationError(f"Device {device} was requested but no CUDA device is visible; use --device cpu.")
+    if parsed.type not in ("cpu", "cuda"):
+        raise ConfigurationError(f"Device {device!r} is not 'cpu', 'cuda' or 'cuda:N'.")
+    return parsed
+
+
+# ---- the run --------------------------------------------------------------------------------------
+
+
+def run_inference(
+    input_path: str | Path,
+    output_dir: str | Path,
+    *,
+    bundle_path: str | Path | None = None,
+    model_dir: str | Path | None = None,
+    backend: str = "auto",
+    precision: str = "fp32",
+    folds: list[Fold] | None = None,
+    step_size: float = 0.5,
+    use_mirroring: bool = True,
+    batch_size: int = 1,
+    device: str = "cpu",
+    save_probabilities: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    trust_checkpoint: bool = False,
+) -> InferenceReport:
+    """Segment every case under ``input_path`` into ``output_dir`` (one file per case, input geometry)."""
+    from tqdm import tqdm
+
+    output_dir = Path(output_dir)
+    with open_fold_engines(
+        bundle_path=bundle_path, model_dir=model_dir, backend=backend, precision=precision,
+        folds=folds, device=device, trust_checkpoint=trust_checkpoint,
+    ) as engines:
+        spec = engines.spec
+        cases = discover_cases(input_path, num_channels=spec.num_input_channels,
+                               file_ending=spec.dataset_json["file_ending"])
+        logger.info("Backend %s (%s); %d case(s) in %s.", engines.backend, engines.reason, len(cases), input_path)
+        predictor = EnginePredictor(
+            tile_step_size=step_size, use_mirroring=use_mirroring, batch_size=batch_size,
+            device=device, allow_tqdm=progress,
+        )
+        predictor.initialize(spec, engines.fold_models)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        results = []
+        for case in tqdm(cases, desc="cases", unit="case", disable=not progress):
+            results.append(
+                _run_case(predictor, spec, case, output_dir, overwrite=overwrite, save_probabilities=save_probabilities)
+            )
+        return InferenceReport(
+            results=results, backend=engines.backend, backend_reason=engines.reason, precision=precision,
+            folds=tuple(engines.fold_models), batch_size=batch_size,
+        )
+
+
+def output_path(output_dir: Path, case_name: str, file_ending: str) -> Path:
+    return output_dir / f"{case_name}{file_ending}"
+
+
+def _run_case(
+    predictor: EnginePredictor,
+    spec: ModelSpec,
+    case: Case,
+    output_dir: Path,
+    *,
+    overwrite: bool,
+    save_probabilities: bool,
+) -> CaseResult:
+    file_ending = spec.dataset_json["file_ending"]
+    target = output_path(output_dir, case.name, file_ending)
+    if target.exists() and not overwrite:
+        logger.debug("%s: %s exists, skipped (use --overwrite to redo).", case.name, target)
+        return CaseResult(case.name, "skipped", target)
+    problem = case.problem or check_readable(case, len(spec.patch_size))
+    if problem:
+        logger.error("Case %s skipped: %s.", case.name, problem)
+        return CaseResult(case.name, "failed", error=problem)
+    try:
+        seconds = _segment_case(predictor, spec, case, target, save_probabilities)
+    except (TuckerExportError, RuntimeError, OSError, ValueError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        logger.error("Case %s failed: %s", case.name, message)
+        logger.debug("Traceback of case %s:", case.name, exc_info=True)
+        return CaseResult(case.name, "failed", error=message)
+    logger.debug(
+        "%s: preprocess %.2f s, network %.2f s, export %.2f s", case.name,
+        seconds["preprocess"], seconds["network"], seconds["export"],
+    )
+    return CaseResult(case.name, "done", target, seconds=seconds)
+
+
+def _segment_case(
+    predictor: EnginePredictor, spec: ModelSpec, case: Case, target: Path, save_probabilities: bool
+) -> dict[str, float]:
+    from nnunetv2.inference.export_prediction import export_prediction_from_logits
+
+    file_ending = spec.dataset_json["file_ending"]
+    with _case_input_files(case, file_ending) as files:
+        start = time.perf_counter()
+        preprocessor = spec.configuration_manager.preprocessor_class(verbose=False)
+        data, _, properties = preprocessor.run_case(
+            [str(f) for f in files], None, spec.plans_manager, spec.configuration_manager, spec.dataset_json
+        )
+        if data.shape[0] != spec.num_input_channels:
+            raise InputImageError(f"it has {data.shape[0]} channels, the model needs {spec.num_input_channels}")
+        preprocessed = time.perf_counter()
+        logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
+        predicted = time.perf_counter()
+        _export_atomically(
+            lambda truncated: export_prediction_from_logits(
+                logits, properties, spec.configuration_manager, spec.plans_manager, spec.dataset_json,
+                truncated, save_probabilities,
+            ),
+            target,
+            file_ending,
+            extra_suffixes=(".npz", ".pkl") if save_probabilities else (),
+        )
+        exported = time.perf_counter()
+    return {"preprocess": preprocessed - start, "network": predicted - preprocessed, "export": exported - predicted}
+
+
+@contextlib.contextmanager
+def _case_input_files(case: Case, file_ending: str) -> Iterator[list[Path]]:
+    """The case's channel files; a DICOM series is converted to a temporary NIfTI first."""
+    if case.dicom_dir is None:
+        yield case.files
+        return
+    import SimpleITK as sitk
+
+    with tempfile.TemporaryDirectory(prefix="tucker-export-dicom-") as tmp:
+        path = Path(tmp) / f"{case.name}_0000{file_ending}"
+        try:
+            image = read_dicom_series(case.dicom_dir)
+        except RuntimeError as error:
+            raise InputImageError(f"DICOM series in {case.dicom_dir} cannot be read ({str(error).splitlines()[0]})") from None
+        sitk.WriteImage(image, str(path))
+        yield [path]
+
+
+def _export_atomically(write, target: Path, file_ending: str, extra_suffixes: tuple[str, ...]) -> None:
+    """Let nnU-Net write to a hidden temporary name, then rename; nothing partial survives a crash or Ctrl-C."""
+    case_name = target.name[: -len(file_ending)]
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{case_name}.", suffix=".partial", dir=target.parent)
+    os.close(fd)
+    os.unlink(tmp_name)
+    truncated = tmp_name[: -len(".partial")]
+    written = [Path(truncated + file_ending), *(Path(truncated + s) for s in extra_suffixes)]
+    try:
+        write(truncated)
+        for suffix in extra_suffixes:
+            os.replace(truncated + suffix, target.parent / f"{case_name}{suffix}")
+        os.replace(truncated + file_ending, target)
+    finally:
+        for path in written:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
