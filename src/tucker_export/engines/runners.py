@@ -1,0 +1,378 @@
+"""Runners: PyTorch, ONNX Runtime and TensorRT behind one interface.
+
+A runner is a context manager that owns its session (network, InferenceSession, TensorRT engine
+and context): ``__enter__`` opens it, ``__exit__`` releases it. ``infer(batch)`` maps a
+``(B, C, *patch)`` float batch to ``(B, K, *patch)`` float32 logits and returns the same kind it
+was given: a numpy array for a numpy array, a torch tensor (on the input's device) for a tensor.
+
+    with OnnxRuntimeRunner("bundle/onnx/fold_0.fp32.onnx") as runner:
+        logits = runner.infer(batch)
+
+The TensorRT runner imports TensorRT only when it is opened, so this module imports without it.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tucker_export.errors import BackendUnavailableError, EngineError
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+ArrayLike = Any  # np.ndarray | torch.Tensor; kept loose so torch stays a lazy import here
+
+
+def _is_numpy(batch: ArrayLike) -> bool:
+    return isinstance(batch, np.ndarray)
+
+
+def physical_cores() -> int:
+    """Physical cores where they can be told (Linux sysfs), else the logical CPU count.
+
+    Convolution kernels gain nothing from hyper-threads; ONNX Runtime's own default is the
+    physical core count too. Respects the process's CPU affinity.
+    """
+    try:
+        available = os.sched_getaffinity(0)
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+    cores: set[tuple[str, str]] = set()
+    for cpu in available:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
+        except OSError:
+            return len(available)
+    return max(1, len(cores))
+
+
+class Runner(abc.ABC):
+    """One fold's network behind ``infer``; use it as a context manager."""
+
+    name: str = "runner"
+
+    def __init__(self, *, precision: str, device: str | torch.device) -> None:
+        import torch
+
+        self.precision = precision
+        self.device = torch.device(device)
+        self._open = False
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> Runner:
+        self.open()
+        self._open = True
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._open = False
+        self.close()
+
+    @abc.abstractmethod
+    def open(self) -> None:
+        """Create the session (load weights, build the ORT session, deserialize the engine)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the session and its device memory."""
+
+    # ---- inference -------------------------------------------------------------------------
+    def infer(self, batch: ArrayLike) -> ArrayLike:
+        """Logits for ``batch`` (B, C, *patch); numpy in -> numpy out, torch in -> torch out (input's device)."""
+        if not self._open:
+            raise EngineError(f"{self.describe()} is not open; use it as `with runner: runner.infer(batch)`.")
+        if batch.ndim < 3:
+            raise EngineError(f"{self.describe()} needs a (batch, channels, *patch) input, got shape {tuple(batch.shape)}.")
+        if _is_numpy(batch):
+            return self._infer_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        return self._infer_torch(batch)
+
+    @abc.abstractmethod
+    def _infer_numpy(self, batch: np.ndarray) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def _infer_torch(self, batch: torch.Tensor) -> torch.Tensor: ...
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.precision}, {self.device})"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.describe()}>"
+
+
+# ---- PyTorch ------------------------------------------------------------------------------------
+
+
+class TorchRunner(Runner):
+    """Eager PyTorch; fp16 means autocast on CUDA, as nnU-Net's predictor does (fp32 on the CPU)."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        network: torch.nn.Module | Callable[[], torch.nn.Module],
+        *,
+        precision: str = "fp32",
+        device: str | torch.device = "cpu",
+    ) -> None:
+        super().__init__(precision=precision, device=device)
+        self._network_source = network
+        self.network: torch.nn.Module | None = None
+        if precision == "fp16" and self.device.type != "cuda":
+            # nnU-Net only autocasts on CUDA; on the CPU it runs fp32, and so do we.
+            logger.info("PyTorch on %s runs fp32 (autocast to fp16 is CUDA-only, as in nnU-Net).", self.device)
+            self.precision = "fp32"
+
+    def open(self) -> None:
+        import torch
+
+        source = self._network_source
+        network = source if isinstance(source, torch.nn.Module) else source()
+        decoder = getattr(network, "decoder", None)
+        if decoder is not None and getattr(decoder, "deep_supervision", False):
+            decoder.deep_supervision = False
+        self.network = network.to(self.device).eval()
+
+    def close(self) -> None:
+        import torch
+
+        self.network = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        assert self.network is not None
+        autocast = (
+            torch.autocast("cuda", dtype=torch.float16)
+            if self.precision == "fp16" and self.device.type == "cuda"
+            else _null_context()
+        )
+        with torch.inference_mode(), autocast:
+            return self.network(batch.to(self.device, torch.float32)).float()
+
+    def _infer_numpy(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        return self._forward(torch.from_numpy(batch)).cpu().numpy()
+
+    def _infer_torch(self, batch: torch.Tensor) -> torch.Tensor:
+        return self._forward(batch).to(batch.device)
+
+
+class _null_context:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
+# ---- ONNX Runtime -------------------------------------------------------------------------------
+
+ORT_CPU = "CPUExecutionProvider"
+ORT_CUDA = "CUDAExecutionProvider"
+ORT_TENSORRT = "TensorrtExecutionProvider"
+
+
+def ort_providers_for(
+    device_type: str,
+    available: Sequence[str],
+    *,
+    device_index: int = 0,
+    use_tensorrt_ep: bool = False,
+    trt_cache_dir: str | None = None,
+    precision: str = "fp32",
+) -> list[str | tuple[str, dict[str, Any]]]:
+    """ONNX Runtime providers (with options) for a device, best first, CPU last as the fallback.
+
+    The TensorRT execution provider is used only when asked for: it builds its own engines when a
+    session opens (minutes, once per shape), and tucker-export's own TensorRT engines cover that
+    case with checked keys. Raises BackendUnavailableError for a CUDA device without the CUDA
+    provider (the CPU-only onnxruntime wheel).
+    """
+    providers: list[str | tuple[str, dict[str, Any]]] = []
+    if device_type == "cuda":
+        if ORT_CUDA not in available:
+            raise BackendUnavailableError(
+                "ONNX Runtime here has no CUDAExecutionProvider (the CPU-only onnxruntime wheel); install "
+                "onnxruntime-gpu or run on --device cpu."
+            )
+        if use_tensorrt_ep:
+            if ORT_TENSORRT not in available:
+                raise BackendUnavailableError("ONNX Runtime here has no TensorrtExecutionProvider; install onnxruntime-gpu with TensorRT.")
+            trt_options: dict[str, Any] = {"device_id": device_index}
+            if trt_cache_dir:
+                trt_options.update(trt_engine_cache_enable=True, trt_engine_cache_path=trt_cache_dir,
+                                   trt_timing_cache_enable=True, trt_timing_cache_path=trt_cache_dir)
+            # fp16 comes from the graph (strongly typed), as for tucker-export's own engines.
+            providers.append((ORT_TENSORRT, trt_options))
+        providers.append((ORT_CUDA, {"device_id": device_index}))
+    elif device_type != "cpu":
+        raise BackendUnavailableError(f"ONNX Runtime runs on cpu or cuda devices, not {device_type!r}.")
+    providers.append(ORT_CPU)
+    return providers
+
+
+class OnnxRuntimeRunner(Runner):
+    """ONNX Runtime on the CPU, or on CUDA (CUDA/TensorRT providers) with IO binding on CUDA tensors.
+
+    CPU defaults are the fastest measured in ``bench/bench_engines.py``: all graph optimisations,
+    sequential execution, intra-op threads = physical cores.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        onnx_path: str | Path,
+        *,
+        precision: str = "fp32",
+        device: str | torch.device = "cpu",
+        providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
+        intra_op_threads: int | None = None,
+        graph_optimization: str = "all",
+        sequential: bool = True,
+        optimized_model_path: str | Path | None = None,
+        use_tensorrt_ep: bool = False,
+    ) -> None:
+        super().__init__(precision=precision, device=device)
+        self.onnx_path = Path(onnx_path)
+        self._providers = list(providers) if providers is not None else None
+        self.intra_op_threads = intra_op_threads
+        self.graph_optimization = graph_optimization
+        self.sequential = sequential
+        self.optimized_model_path = optimized_model_path
+        self.use_tensorrt_ep = use_tensorrt_ep
+        self.session: Any = None
+        self.providers_used: list[str] = []
+
+    def session_options(self) -> Any:
+        import onnxruntime as ort
+
+        levels = {
+            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }
+        if self.graph_optimization not in levels:
+            raise EngineError(f"Graph optimisation level {self.graph_optimization!r} is not one of {', '.join(levels)}.")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = levels[self.graph_optimization]
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL if self.sequential else ort.ExecutionMode.ORT_PARALLEL
+        options.intra_op_num_threads = self.intra_op_threads or physical_cores()
+        options.log_severity_level = 3
+        if self.optimized_model_path:
+            options.optimized_model_filepath = str(self.optimized_model_path)
+        return options
+
+    def open(self) -> None:
+        import onnxruntime as ort
+
+        if not self.onnx_path.is_file():
+            raise EngineError(f"ONNX file {self.onnx_path} does not exist; run `tucker-export export` first.")
+        providers = self._providers or ort_providers_for(
+            self.device.type, ort.get_available_providers(), device_index=self.device.index or 0,
+            use_tensorrt_ep=self.use_tensorrt_ep, precision=self.precision,
+        )
+        try:
+            self.session = ort.InferenceSession(str(self.onnx_path), self.session_options(), providers=providers)
+        except Exception as error:  # ORT raises its own Fail/InvalidGraph/RuntimeException types
+            raise EngineError(f"ONNX Runtime cannot load {self.onnx_path} ({error}).") from error
+        self.providers_used = list(self.session.get_providers())
+        if self.device.type == "cuda" and ORT_CUDA not in self.providers_used and ORT_TENSORRT not in self.providers_used:
+            raise BackendUnavailableError(
+                f"ONNX Runtime fell back to {', '.join(self.providers_used)} for {self.device}; check the CUDA "
+                f"libraries onnxruntime-gpu needs (`tucker-export doctor`)."
+            )
+        self._input_name = self.session.get_inputs()[0].name
+        self._output_name = self.session.get_outputs()[0].name
+        logger.debug("ONNX Runtime session for %s on %s", self.onnx_path.name, self.providers_used)
+
+    def close(self) -> None:
+        self.session = None
+
+    def _infer_numpy(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([self._output_name], {self._input_name: batch})[0]
+
+    def _infer_torch(self, batch: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        if batch.device.type != "cuda" or self.device.type != "cuda":
+            out = self._infer_numpy(np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32))
+            return torch.from_numpy(out).to(batch.device)
+        # IO binding: ORT reads and writes torch's CUDA memory directly, no host round trip.
+        batch = batch.to(self.device, torch.float32).contiguous()
+        out_shape = self._output_shape(tuple(batch.shape))
+        output = torch.empty(out_shape, dtype=torch.float32, device=self.device)
+        binding = self.session.io_binding()
+        binding.bind_input(self._input_name, "cuda", self.device.index or 0, np.float32, tuple(batch.shape), batch.data_ptr())
+        binding.bind_output(self._output_name, "cuda", self.device.index or 0, np.float32, out_shape, output.data_ptr())
+        # ORT runs on its own stream: let torch's pending writes to `batch` finish first.
+        torch.cuda.current_stream(self.device).synchronize()
+        self.session.run_with_iobinding(binding)
+        return output.to(batch.device)
+
+    def _output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        declared = self.session.get_outputs()[0].shape  # ['batch', K, *patch]
+        return (input_shape[0], *(int(d) for d in declared[1:]))
+
+
+# ---- TensorRT -----------------------------------------------------------------------------------
+
+
+class TensorRTRunner(Runner):
+    """A TensorRT engine from a bundle (checked against this GPU, TensorRT and the ONNX file first).
+
+    Batches larger than the engine's profile are split into profile-sized calls.
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, engine_path: str | Path, *, precision: str, device: str | torch.device = "cuda:0") -> None:
+        super().__init__(precision=precision, device=device)
+        if self.device.type != "cuda":
+            raise BackendUnavailableError(f"TensorRT runs on CUDA devices only, not {self.device}.")
+        self.engine_path = Path(engine_path)
+        self.session: Any = None
+
+    def open(self) -> None:
+        from tucker_export.engines.tensorrt_backend import TrtEngineSession
+
+        if not self.engine_path.is_file():
+            raise EngineError(f"Engine file {self.engine_path} does not exist; run `tucker-export build` first.")
+        self.session = TrtEngineSession(self.engine_path.read_bytes(), device_index=self.device.index or 0)
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+        self.session = None
+
+    def _infer_torch(self, batch: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        from tucker_export.engines.keys import split_batch
+
+        pieces = [
+            self.session.infer(batch[start:stop].to(self.device))
+            for start, stop in split_batch(int(batch.shape[0]), self.session.profile)
+        ]
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return out.to(batch.device)
+
+    def _infer_numpy(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        return self._infer_torch(torch.from_numpy(batch)).cpu().numpy()

@@ -1,0 +1,293 @@
+"""Which backend runs a bundle here, and why.
+
+``auto`` takes, in order:
+
+1. a TensorRT engine, when the device is a CUDA GPU, tensorrt imports, and the bundle has an
+   engine for every fold whose key matches this GPU, this TensorRT and the current ONNX export;
+2. ONNX Runtime on the best provider for the device (CUDA provider on a GPU when onnxruntime-gpu
+   is installed, the CPU provider on the CPU), when the bundle has the ONNX exports;
+3. PyTorch (eager; fp16 autocast on CUDA), which always works from the bundle's weights.
+
+Each step that is skipped says why in the reason (e.g. "no TensorRT engine: ... was built for
+another GPU; rebuild it with `tucker-export build ...`"), and the choice is logged. The decision
+itself (``decide_backend``) is a pure function of what was found, tested without GPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tucker_export.engines.keys import ONNX_SECTION, GpuInfo, cuda_devices, export_command, find_engine_record
+from tucker_export.engines.runners import ORT_CUDA, OnnxRuntimeRunner, Runner, TensorRTRunner, TorchRunner
+from tucker_export.errors import BackendUnavailableError, BundleError, ConfigurationError, TuckerExportError
+
+if TYPE_CHECKING:
+    import torch
+
+    from tucker_export.bundle import Bundle
+    from tucker_export.nnunet.loading import Fold
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "trt", "ort", "torch")
+_ALIASES = {"tensorrt": "trt", "onnxruntime": "ort", "onnx": "ort", "pytorch": "torch"}
+
+
+def normalize_backend(choice: str) -> str:
+    name = _ALIASES.get(choice.strip().lower(), choice.strip().lower())
+    if name not in BACKENDS:
+        raise ConfigurationError(f"Backend {choice!r} is not one of {', '.join(BACKENDS)}.")
+    return name
+
+
+# ---- what this machine has ----------------------------------------------------------------------
+
+
+@dataclass
+class BackendInfo:
+    """Inference backends on this machine, for ``doctor`` and for ``select_backend``'s reasons."""
+
+    onnxruntime_version: str | None
+    onnxruntime_providers: list[str]
+    tensorrt_version: str | None
+    tensorrt_status: str  # the version, "not installed", or why it cannot load
+    tensorrt_api: str | None
+    torch_cuda_version: str | None
+    cuda_devices: list[GpuInfo] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["cuda_devices"] = [gpu.to_dict() for gpu in self.cuda_devices]
+        return data
+
+    def usable(self) -> dict[str, str]:
+        """Backend -> 'yes (...)' or 'no: why' in a few words each."""
+        devices = ", ".join(f"cuda:{g.index} {g.describe()}" for g in self.cuda_devices)
+        ort_where = ["cpu"] + (["cuda"] if ORT_CUDA in self.onnxruntime_providers else [])
+        return {
+            "torch": f"yes (cpu{', cuda' if self.cuda_devices else ''})",
+            "ort": f"yes ({', '.join(ort_where)})" if self.onnxruntime_version else "no: onnxruntime is not installed",
+            "trt": (
+                f"yes (TensorRT {self.tensorrt_version} on {devices})"
+                if self.tensorrt_version and self.cuda_devices
+                else f"no: {self.tensorrt_status if not self.tensorrt_version else 'no CUDA GPU visible'}"
+            ),
+        }
+
+
+def available_backends() -> BackendInfo:
+    """ONNX Runtime version and providers, TensorRT version (or why not), CUDA devices."""
+    import torch
+
+    try:
+        import onnxruntime as ort
+
+        ort_version: str | None = ort.__version__
+        providers = list(ort.get_available_providers())
+    except ImportError:
+        ort_version, providers = None, []
+
+    from tucker_export.engines.tensorrt_backend import detect_api, import_tensorrt
+
+    trt_version = trt_api = None
+    try:
+        trt = import_tensorrt()
+        trt_version = str(trt.__version__)
+        trt_api = detect_api(trt).family
+        trt_status = trt_version
+    except BackendUnavailableError as error:
+        trt_status = "not installed" if "not installed" in str(error) else str(error)
+    return BackendInfo(
+        onnxruntime_version=ort_version,
+        onnxruntime_providers=providers,
+        tensorrt_version=trt_version,
+        tensorrt_status=trt_status,
+        tensorrt_api=trt_api,
+        torch_cuda_version=torch.version.cuda,
+        cuda_devices=cuda_devices(),
+    )
+
+
+# ---- the decision -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackendDecision:
+    backend: str  # "trt", "ort" or "torch"
+    reason: str
+
+
+def _first_sentence(error: BaseException | str) -> str:
+    text = str(error).strip()
+    return text[:-1] if text.endswith(".") else text
+
+
+def decide_backend(
+    choice: str,
+    *,
+    device_type: str,
+    precision: str,
+    trt_problem: TuckerExportError | None,
+    onnx_problem: TuckerExportError | None,
+    ort_providers: Sequence[str],
+) -> BackendDecision:
+    """Pure decision over what was found; an explicit choice that cannot run raises its problem."""
+    choice = normalize_backend(choice)
+    if choice == "trt":
+        if trt_problem is not None:
+            raise trt_problem
+        return BackendDecision("trt", "requested")
+    if choice == "ort":
+        if onnx_problem is not None:
+            raise onnx_problem
+        if device_type == "cuda" and ORT_CUDA not in ort_providers:
+            raise BackendUnavailableError(
+                "ONNX Runtime here has no CUDAExecutionProvider (the CPU-only onnxruntime wheel); install "
+                "onnxruntime-gpu or run on --device cpu."
+            )
+        return BackendDecision("ort", f"requested ({'CUDA' if device_type == 'cuda' else 'CPU'} provider)")
+    if choice == "torch":
+        return BackendDecision("torch", "requested")
+
+    # auto
+    skipped: list[str] = []
+    if device_type == "cuda":
+        if trt_problem is None:
+            return BackendDecision("trt", "a TensorRT engine matches this GPU, TensorRT version and ONNX export")
+        skipped.append(f"no TensorRT: {_first_sentence(trt_problem)}")
+    if onnx_problem is None:
+        if device_type == "cpu":
+            return BackendDecision("ort", "; ".join([*skipped, "ONNX Runtime CPU provider"]))
+        if ORT_CUDA in ort_providers:
+            return BackendDecision("ort", "; ".join([*skipped, "ONNX Runtime CUDA provider"]))
+        skipped.append("no ONNX Runtime CUDA provider (CPU-only onnxruntime wheel)")
+    else:
+        skipped.append(f"no ONNX Runtime: {_first_sentence(onnx_problem)}")
+    fp_note = " (fp32: autocast is CUDA-only)" if precision == "fp16" and device_type != "cuda" else ""
+    return BackendDecision("torch", "; ".join([*skipped, f"PyTorch eager{fp_note}"]))
+
+
+# ---- probing the bundle -------------------------------------------------------------------------
+
+
+def _device_gpu(device: torch.device) -> GpuInfo:
+    devices = {gpu.index: gpu for gpu in cuda_devices()}
+    index = device.index or 0
+    if index not in devices:
+        raise BackendUnavailableError(f"CUDA device {index} is not visible (devices: {sorted(devices) or 'none'}).")
+    return devices[index]
+
+
+def engine_problem(bundle: Bundle, precision: str, folds: Sequence[Fold], device: torch.device) -> TuckerExportError | None:
+    """None when every fold has a fitting TensorRT engine on ``device``, else the first reason why not."""
+    from tucker_export.engines.tensorrt_backend import import_tensorrt
+
+    if device.type != "cuda":
+        return BackendUnavailableError(f"TensorRT runs on CUDA GPUs and the device is {device}.")
+    try:
+        trt = import_tensorrt()
+        gpu = _device_gpu(device)
+        for fold in folds:
+            find_engine_record(
+                bundle.manifest, fold=fold, precision=precision, gpu=gpu, trt_version=str(trt.__version__),
+                bundle_path=bundle.path,
+            )
+    except TuckerExportError as error:
+        return error
+    return None
+
+
+def onnx_problem(bundle: Bundle, precision: str, folds: Sequence[Fold]) -> TuckerExportError | None:
+    """None when every fold has an ONNX export of ``precision`` on disk, else why not."""
+    for fold in folds:
+        entry = bundle.manifest.get(ONNX_SECTION, {}).get(f"fold_{fold}.{precision}")
+        if entry is None:
+            return BundleError(
+                f"Bundle {bundle.path} has no {precision} ONNX export of fold {fold}; run "
+                f"`{export_command(bundle.path, precision)}`."
+            )
+        if not bundle.artifact_path(entry["file"]).is_file():
+            return BundleError(f"Bundle {bundle.path} lacks {entry['file']}; run `{export_command(bundle.path, precision)}`.")
+    return None
+
+
+@dataclass
+class RunnerFactory:
+    """Makes an (unopened) runner per fold for the chosen backend."""
+
+    bundle: Bundle
+    backend: str
+    precision: str
+    device: torch.device
+    reason: str
+
+    def __call__(self, fold: Fold) -> Runner:
+        if self.backend == "trt":
+            return self._tensorrt(fold)
+        if self.backend == "ort":
+            entry = self.bundle.manifest[ONNX_SECTION][f"fold_{fold}.{self.precision}"]
+            path = self.bundle.verify_file(entry["file"], entry["sha256"])
+            return OnnxRuntimeRunner(path, precision=self.precision, device=self.device)
+        bundle = self.bundle
+        return TorchRunner(lambda: bundle.build_network(fold), precision=self.precision, device=self.device)
+
+    def _tensorrt(self, fold: Fold) -> Runner:
+        from tucker_export._io import sha256_file
+        from tucker_export.engines.keys import check_engine_file
+        from tucker_export.engines.tensorrt_backend import import_tensorrt
+
+        record = find_engine_record(
+            self.bundle.manifest, fold=fold, precision=self.precision, gpu=_device_gpu(self.device),
+            trt_version=str(import_tensorrt().__version__), bundle_path=self.bundle.path,
+        )
+        path = self.bundle.artifact_path(record["file"])
+        if not path.is_file():
+            raise BundleError(f"Bundle {self.bundle.path} lacks {record['file']}; run `tucker-export build {self.bundle.path}`.")
+        check_engine_file(record, sha256_file(path), self.bundle.path)
+        return TensorRTRunner(path, precision=self.precision, device=self.device)
+
+
+def select_backend(
+    choice: str,
+    bundle: Bundle,
+    precision: str,
+    device: str | torch.device,
+    folds: Sequence[Fold] | None = None,
+) -> tuple[RunnerFactory, str]:
+    """The runner factory for ``choice`` (``auto``, ``trt``, ``ort``, ``torch``) and the reason; logs both."""
+    import onnxruntime as ort
+    import torch
+
+    device = torch.device(device)
+    folds = bundle.resolve_folds(list(folds) if folds else None)
+    choice = normalize_backend(choice)
+    needs_trt = choice == "trt" or (choice == "auto" and device.type == "cuda")
+    decision = decide_backend(
+        choice,
+        device_type=device.type,
+        precision=precision,
+        trt_problem=engine_problem(bundle, precision, folds, device) if needs_trt else None,
+        onnx_problem=onnx_problem(bundle, precision, folds) if choice in ("auto", "ort") else None,
+        ort_providers=ort.get_available_providers(),
+    )
+    logger.info("Backend %s on %s (%s): %s", decision.backend, device, precision, decision.reason)
+    return RunnerFactory(bundle, decision.backend, precision, device, decision.reason), decision.reason
+
+
+def open_runners(
+    stack: contextlib.ExitStack,
+    bundle: Bundle,
+    *,
+    backend: str,
+    precision: str,
+    folds: Sequence[Fold],
+    device: str | torch.device,
+) -> tuple[dict[Fold, Runner], str, str]:
+    """Open one runner per fold on ``stack`` (closed when it unwinds); returns (runners, backend, reason)."""
+    factory, reason = select_backend(backend, bundle, precision, device, folds)
+    runners = {fold: stack.enter_context(factory(fold)) for fold in bundle.resolve_folds(list(folds))}
+    return runners, factory.backend, reason
