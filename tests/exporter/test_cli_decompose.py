@@ -53,10 +53,17 @@ def test_a_non_empty_bundle_path_without_overwrite_is_refused_and_left_intact(tm
     ("--budget-macs", "-0.1", "MAC budget (--budget-macs) must lie in (0, 1], got -0.1."),
 ])
 def test_fractions_outside_zero_one_are_refused(tmp_path, model_dir, option, value, message):
-    result = _run(str(model_dir), "-o", str(tmp_path / "b"), option, value)
+    mode = ["--rank-mode", "budget"] if option.startswith("--budget") else []
+    result = _run(str(model_dir), "-o", str(tmp_path / "b"), *mode, option, value)
     assert isinstance(result.exception, RankPolicyError)
     assert str(result.exception).endswith(message)
     assert not (tmp_path / "b").exists()
+
+
+def test_a_budget_without_budget_mode_is_refused(tmp_path, model_dir):
+    result = _run(str(model_dir), "-o", str(tmp_path / "b"), "--budget-macs", "0.5")
+    assert isinstance(result.exception, RankPolicyError)
+    assert str(result.exception) == "--budget-macs applies to --rank-mode budget only, got --rank-mode relative."
 
 
 def test_an_unknown_mode_suggests_the_closest_one(tmp_path, model_dir):

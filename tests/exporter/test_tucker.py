@@ -217,3 +217,16 @@ def test_grouped_convs_are_left_as_they_are_and_logged(caplog):
     assert isinstance(network[1], nn.Conv3d)
     assert by_name["0"]["action"] == by_name["2"]["action"] == "factorized"
     assert any("groups=2" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_factorization_on_cuda_matches_the_cpu():
+    torch.manual_seed(0)
+    conv = nn.Conv3d(32, 48, 3, padding=1)
+    cpu = tucker2(canonical_kernel(conv), (16, 8))
+    gpu = tucker2(canonical_kernel(conv), (16, 8), device="cuda", hooi_iterations=2)
+    assert gpu.core.device.type == "cuda"
+    assert gpu.relative_error <= cpu.relative_error + 1e-9
+    module = factorized_conv(conv, gpu)
+    assert module.core.weight.device.type == "cpu"

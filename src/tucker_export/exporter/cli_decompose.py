@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from tucker_export.errors import BundleError
+from tucker_export.errors import BundleError, RankPolicyError
 
 
 def _verbosity(ctx: click.Context) -> int:
@@ -88,11 +88,12 @@ def decompose_command(
 
     mode = check_rank_mode(rank_mode.strip())
     if budget_macs is not None and budget_params is not None:
-        from tucker_export.errors import RankPolicyError
-
         raise RankPolicyError(
             f"Give one budget, --budget-macs or --budget-params, not both (got {budget_macs} and {budget_params})."
         )
+    if mode != "budget" and (budget_macs is not None or budget_params is not None):
+        option = "--budget-macs" if budget_macs is not None else "--budget-params"
+        raise RankPolicyError(f"{option} applies to --rank-mode budget only, got --rank-mode {mode}.")
     policy = RankPolicy(
         mode=mode,
         factor=rank_factor,
