@@ -179,18 +179,73 @@ def infer(ctx: click.Context, input_path: Path, output_dir: Path, bundle_path: P
         raise TuckerExportError(f"{len(report.failed)} of {len(report.results)} case(s) failed (listed above).")
 
 
+@cli.command()
+@click.option("-b", "--bundle", "bundle_path", required=True, type=click.Path(path_type=Path), help="The bundle to validate.")
+@click.option("-i", "--input", "input_path", required=True, type=click.Path(path_type=Path),
+              help="Images to validate on (same forms as `infer -i`).")
+@click.option("--labels", "labels_dir", type=click.Path(path_type=Path), default=None,
+              help="Ground-truth label maps named <case>.nii.gz; adds Dice against the truth.")
+@click.option("--backend", type=click.Choice(["auto", "trt", "ort", "torch"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--against", type=click.Choice(["original", "decomposed"]), default="original", show_default=True,
+              help="PyTorch reference: the original model (compression + engine error) or the decomposed "
+                   "network (the engine's own error).")
+@click.option("--reference-model", type=click.Path(path_type=Path), default=None,
+              help="The original nnU-Net model folder, when it moved since `decompose`.")
+@click.option("-f", "--folds", multiple=True, help="Folds [default: all in the bundle].")
+@click.option("--min-dice", type=float, default=None, help="Fail when any class's Dice engine vs reference is below this.")
+@click.option("--max-abs-logit", type=float, default=None, help="Fail when any fold's max abs logit difference exceeds this.")
+@click.option("--nsd-tolerance", type=float, default=2.0, show_default=True, help="Surface Dice tolerance in mm.")
+@click.option("--parity-tiles", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Sliding-window tiles per case and fold compared logit by logit.")
+@click.option("--disable-tta", is_flag=True, help="No mirroring (faster).")
+@click.option("--step-size", type=float, default=0.5, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the full report (per fold, case and class) as JSON.")
+@click.pass_context
+def validate(ctx: click.Context, bundle_path: Path, input_path: Path, labels_dir: Path | None, backend: str,
+             precision: str, against: str, reference_model: Path | None, folds: tuple[str, ...],
+             min_dice: float | None, max_abs_logit: float | None, nsd_tolerance: float, parity_tiles: int,
+             disable_tta: bool, step_size: float, batch_size: int, device: str, report_path: Path | None) -> None:
+    """Compare a bundle's engine with PyTorch: logits parity per fold, Dice/IoU/NSD per class.
+
+    Exits 1 when a threshold fails, listing every failure.
+    """
+    from tucker_export.errors import ValidationFailedError
+    from tucker_export.validation.validate import format_validation_report, validate_bundle
+
+    report = validate_bundle(
+        bundle_path, input_path, labels_dir=labels_dir, backend=backend, precision=precision, against=against,
+        reference_model=reference_model, folds=_split_folds(folds), min_dice=min_dice, max_abs_logit=max_abs_logit,
+        report_path=report_path, step_size=step_size, use_mirroring=not disable_tta, batch_size=batch_size,
+        device=device, nsd_tolerance_mm=nsd_tolerance, parity_tiles=parity_tiles,
+        progress=ctx.obj["verbosity"] >= 0,
+    )
+    click.echo(format_validation_report(report))
+    if report.failures:
+        raise ValidationFailedError(f"{len(report.failures)} validation check(s) failed (listed above).")
+
+
 def _split_folds(folds: tuple[str, ...]) -> list[str] | None:
     """`-f 0 -f 1`, `-f 0,1` and `-f 0 1`-style lists all mean folds 0 and 1."""
     parts = [part for value in folds for part in value.replace(",", " ").split()]
     return parts or None
 
 
-def _add_optional_commands() -> None:
-    """Commands whose modules live in the subpackages; each module keeps its heavy imports inside."""
-    return
+def _add_subpackage_commands() -> None:
+    """Commands that live beside their library code; each module keeps its heavy imports inside."""
+    from tucker_export.engines.cli_build import build_command
+    from tucker_export.exporter.cli_decompose import decompose_command
+    from tucker_export.exporter.cli_export import export_command
+
+    cli.add_command(decompose_command, "decompose")
+    cli.add_command(export_command, "export")
+    cli.add_command(build_command, "build")
 
 
-_add_optional_commands()
+_add_subpackage_commands()
 
 
 def main() -> None:

@@ -108,7 +108,7 @@ def open_fold_engines(
     """Open one engine per fold for a bundle or an nnU-Net model folder; closes them on exit."""
     if (bundle_path is None) == (model_dir is None):
         raise ConfigurationError("Give exactly one of a bundle (-b) or an nnU-Net model folder (-m).")
-    torch_device = _parse_device(device)
+    torch_device = parse_device(device)
     with contextlib.ExitStack() as stack:
         if model_dir is not None and backend == "torch":
             from tucker_export.nnunet.loading import load_trained_model
@@ -133,11 +133,11 @@ def open_fold_engines(
         runners, backend_name, reason = open_runners(
             stack, bundle, backend=backend, precision=precision, folds=selected_folds, device=torch_device
         )
-        fold_models = {fold: _runner_fold_model(runner, torch_device) for fold, runner in runners.items()}
+        fold_models = {fold: runner_fold_model(runner, torch_device) for fold, runner in runners.items()}
         yield FoldEngines(bundle.spec, fold_models, backend_name, reason)
 
 
-def _runner_fold_model(runner, device: torch.device) -> FoldModel:
+def runner_fold_model(runner, device: torch.device) -> FoldModel:
     def run(batch: torch.Tensor) -> torch.Tensor:
         out = runner.infer(batch)
         if isinstance(out, np.ndarray):
@@ -167,7 +167,7 @@ def undecomposed_bundle(model_dir: str | Path, *, trust_checkpoint: bool = False
     )
 
 
-def _parse_device(device: str) -> torch.device:
+def parse_device(device: str) -> torch.device:
     try:
         parsed = torch.device(device)
     except RuntimeError:
@@ -271,7 +271,7 @@ def _segment_case(
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
 
     file_ending = spec.dataset_json["file_ending"]
-    with _case_input_files(case, file_ending) as files:
+    with case_input_files(case, file_ending) as files:
         start = time.perf_counter()
         preprocessor = spec.configuration_manager.preprocessor_class(verbose=False)
         data, _, properties = preprocessor.run_case(
@@ -296,7 +296,7 @@ def _segment_case(
 
 
 @contextlib.contextmanager
-def _case_input_files(case: Case, file_ending: str) -> Iterator[list[Path]]:
+def case_input_files(case: Case, file_ending: str) -> Iterator[list[Path]]:
     """The case's channel files; a DICOM series is converted to a temporary NIfTI first."""
     if case.dicom_dir is None:
         yield case.files

@@ -1,0 +1,139 @@
+"""`tucker-export demo`: the whole pipeline on the built-in trained model, with a short report.
+
+decompose (rank factor 0.3) -> export ONNX fp32 -> infer the held-out phantoms with ONNX Runtime ->
+compare with the original model in PyTorch (speed, Dice per structure) and with the references.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tucker_export.demo import DemoModel
+
+logger = logging.getLogger(__name__)
+
+RANK_FACTOR = 0.3
+
+
+@dataclass
+class DemoReport:
+    model_dir: Path
+    bundle_dir: Path
+    tucker_output_dir: Path
+    params_ratio: float
+    macs_ratio: float
+    onnx_max_abs_diff: float
+    cases: int
+    seconds_original_torch: float
+    seconds_tucker_ort: float
+    dice_tucker_vs_original: dict[str, float]
+    dice_tucker_vs_reference: dict[str, float]
+    dice_original_vs_reference: dict[str, float]
+
+    @property
+    def speedup(self) -> float:
+        return self.seconds_original_torch / self.seconds_tucker_ort if self.seconds_tucker_ort else float("nan")
+
+
+def _dice_per_structure(pred_dir: Path, ref_dir: Path, label_names: dict[int, str]) -> dict[str, float]:
+    import SimpleITK as sitk
+
+    from tucker_export.validation.metrics import compute_class_metrics
+
+    scores: dict[str, list[float]] = {}
+    for ref_path in sorted(ref_dir.glob("*.nii.gz")):
+        reference_image = sitk.ReadImage(str(ref_path))
+        reference = sitk.GetArrayFromImage(reference_image)
+        prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir / ref_path.name)))
+        spacing = tuple(reversed(reference_image.GetSpacing()))
+        labels = [label for label in label_names if label != 0]
+        for label, metrics in compute_class_metrics(prediction, reference, labels, spacing).items():
+            if metrics.status != "absent":
+                scores.setdefault(label_names[label], []).append(float(metrics.dice))
+    return {name: float(np.mean(values)) for name, values in scores.items()}
+
+
+def run_demo_pipeline(model: DemoModel, *, work_dir: Path | None = None, progress: bool = True) -> DemoReport:
+    """Run decompose, export, infer and the comparisons on the demo model; outputs go to ``work_dir``."""
+    from tucker_export.exporter.decompose import decompose_model
+    from tucker_export.exporter.onnx_export import export_bundle
+    from tucker_export.exporter.ranks import RankPolicy
+    from tucker_export.inference import run_inference
+
+    work_dir = Path(work_dir) if work_dir is not None else model.root / "pipeline"
+    bundle_dir = work_dir / f"bundle-rank{RANK_FACTOR}"
+    logger.info("Decomposing %s at rank factor %s into %s", model.model_dir, RANK_FACTOR, bundle_dir)
+    bundle = decompose_model(model.model_dir, bundle_dir, policy=RankPolicy(mode="relative", factor=RANK_FACTOR),
+                             overwrite=True, progress=progress)
+    logger.info("Exporting ONNX (fp32) and checking it against PyTorch")
+    records = export_bundle(bundle, precisions=("fp32",), progress=progress)
+
+    tucker_dir = work_dir / "segmentations-tucker-ort"
+    original_dir = work_dir / "segmentations-original-torch"
+    logger.info("Segmenting %s with the Tucker model in ONNX Runtime", model.test_images_dir)
+    start = time.perf_counter()
+    run_inference(model.test_images_dir, tucker_dir, bundle_path=bundle_dir, backend="ort", overwrite=True,
+                  progress=progress)
+    seconds_tucker = time.perf_counter() - start
+    logger.info("Segmenting the same cases with the original model in PyTorch, for comparison")
+    start = time.perf_counter()
+    original = run_inference(model.test_images_dir, original_dir, model_dir=model.model_dir, backend="torch",
+                             overwrite=True, progress=progress)
+    seconds_original = time.perf_counter() - start
+
+    totals = _totals(bundle.manifest)
+    return DemoReport(
+        model_dir=model.model_dir,
+        bundle_dir=bundle_dir,
+        tucker_output_dir=tucker_dir,
+        params_ratio=totals[0],
+        macs_ratio=totals[1],
+        onnx_max_abs_diff=max(float(r.parity.max_abs_diff) for r in records),
+        cases=len(original.results),
+        seconds_original_torch=seconds_original,
+        seconds_tucker_ort=seconds_tucker,
+        dice_tucker_vs_original=_dice_per_structure(tucker_dir, original_dir, model.label_names),
+        dice_tucker_vs_reference=_dice_per_structure(tucker_dir, model.test_labels_dir, model.label_names),
+        dice_original_vs_reference=_dice_per_structure(original_dir, model.test_labels_dir, model.label_names),
+    )
+
+
+def _totals(manifest: dict) -> tuple[float, float]:
+    """Whole-network params and MACs after/before, summed over the layer entries of the first fold."""
+    fold = next(iter(manifest["folds"].values()))
+    totals = fold["totals"]
+    return (
+        totals["params_after"] / totals["params_before"],
+        totals["macs_after"] / totals["macs_before"],
+    )
+
+
+def format_demo_report(report: DemoReport) -> str:
+    names = list(report.dice_tucker_vs_reference)
+    lines = [
+        f"demo model      {report.model_dir}",
+        f"bundle          {report.bundle_dir}",
+        f"segmentations   {report.tucker_output_dir}",
+        "",
+        f"Tucker rank factor {RANK_FACTOR}: params x{report.params_ratio:.2f}, MACs x{report.macs_ratio:.2f} of the original",
+        f"ONNX fp32 vs PyTorch: max abs logit difference {report.onnx_max_abs_diff:.2e}",
+        f"{report.cases} held-out cases: original in PyTorch {report.seconds_original_torch:.1f} s, "
+        f"Tucker in ONNX Runtime {report.seconds_tucker_ort:.1f} s ({report.speedup:.2f}x)",
+        "",
+        f"{'structure':<16}{'Tucker vs original':>20}{'Tucker vs ref':>15}{'original vs ref':>17}",
+    ]
+    for name in names:
+        lines.append(
+            f"{name:<16}{report.dice_tucker_vs_original.get(name, float('nan')):>20.4f}"
+            f"{report.dice_tucker_vs_reference[name]:>15.4f}{report.dice_original_vs_reference.get(name, float('nan')):>17.4f}"
+        )
+    mean = {k: float(np.mean(list(v.values()))) for k, v in (
+        ("a", report.dice_tucker_vs_original), ("b", report.dice_tucker_vs_reference),
+        ("c", report.dice_original_vs_reference))}
+    lines.append(f"{'mean':<16}{mean['a']:>20.4f}{mean['b']:>15.4f}{mean['c']:>17.4f}")
+    return "\n".join(lines)
