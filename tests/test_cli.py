@@ -1,0 +1,53 @@
+"""The command line: help and doctor work without optional dependencies; errors are one sentence."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from tucker_export.cli import cli
+from tucker_export.doctor import backend_availability
+
+
+def test_help_lists_every_step() -> None:
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    for command in ("decompose", "export", "build", "infer", "validate", "demo", "doctor", "inspect"):
+        assert f"  {command}" in result.output
+
+
+def test_import_and_help_do_not_load_heavy_or_optional_modules() -> None:
+    code = (
+        "import sys, tucker_export, tucker_export.cli;"
+        "heavy = [m for m in ('torch', 'tensorrt', 'onnxruntime', 'nnunetv2') if m in sys.modules];"
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ""
+
+
+def test_doctor_json_without_tensorrt() -> None:
+    result = CliRunner().invoke(cli, ["doctor", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["packages"]["nnunetv2"] != "not installed"
+    names = {b["name"]: b for b in report["backends"]}
+    assert names["ort (cpu)"]["usable"] is True
+    if report["packages"]["tensorrt"] == "not installed":
+        assert names["trt"]["usable"] is False and "not installed" in names["trt"]["why"]
+
+
+def test_backend_reasons_without_gpu() -> None:
+    packages = {"torch": "2.5", "onnxruntime": "1.20", "tensorrt": "10.3.0"}
+    backends = {b.name: b for b in backend_availability(packages, ["CPUExecutionProvider"], [])}
+    assert backends["trt"].usable is False
+    assert "no CUDA device" in backends["trt"].why
+    assert "onnxruntime-gpu" in backends["ort (cuda)"].why
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    result = CliRunner().invoke(cli, ["frobnicate"])
+    assert result.exit_code == 2 and "No such command" in result.output
