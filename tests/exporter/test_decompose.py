@@ -126,3 +126,17 @@ def test_stage_names():
     assert stage_of("decoder.stages.2.convs.0.conv") == "decoder.2"
     assert stage_of("decoder.seg_layers.4") == "decoder.seg"
     assert stage_of("0") == "0"
+
+
+def test_hooi_iterations_are_recorded_and_do_not_worsen_any_layer(tmp_path):
+    model_dir = model_folder(tmp_path, "plain-2d")
+    hosvd = decompose_model(model_dir, tmp_path / "hosvd", progress=False)
+    hooi = decompose_model(model_dir, tmp_path / "hooi", hooi_iterations=3, progress=False)
+    assert hooi.manifest["decomposition"]["method"] == "tucker2-hooi"
+    assert hooi.manifest["decomposition"]["hooi_iterations"] == 3
+    for a, b in zip(hosvd.fold_entry(0)["layers"], hooi.fold_entry(0)["layers"]):
+        assert a["ranks"] == b["ranks"]
+        assert b["relative_error"] <= a["relative_error"] + 1e-9
+    x = random_input((1, 16, 16))
+    with torch.no_grad():
+        assert hooi.build_network(0)(x).shape == (1, 4, 16, 16)
