@@ -336,3 +336,38 @@ def test_demo_bundle_export_meets_the_accuracy_bars(demo_bundles, mode):
     manifest = Bundle.load(demo_bundles[mode]).manifest
     fp16 = manifest["onnx"][f"fold_{records[0].fold}.fp16"]["graph"]["precision"]["op_types"]
     assert set(fp16["InstanceNormalization"]) == {"fp32"} and set(fp16["Conv"]) == {"fp16"}
+
+
+# ---- folding the decoder concatenations ---------------------------------------------------------
+
+
+def test_concat_folding_is_exact_and_removes_every_decoder_concat(tmp_path):
+    from tucker_export.exporter.decompose import decompose_network
+    from tucker_export.exporter.ranks import RankPolicy
+
+    loaded = load_trained_model(make_model_folder(tmp_path, features=(8, 16, 32, 32)))
+    spec = loaded.spec
+    network = loaded.networks[0]
+    decompose_network(network, (spec.num_input_channels, *spec.patch_size), RankPolicy(mode="relative", factor=0.5))
+    plain = export_torch_to_onnx(network, num_input_channels=1, patch_size=spec.patch_size, fuse=False)
+    fused = export_torch_to_onnx(network, num_input_channels=1, patch_size=spec.patch_size)
+    concats = sum(n.op_type == "Concat" for n in plain.graph.node)
+    assert concats == 3
+    assert sum(n.op_type == "Concat" for n in fused.graph.node) == 0
+    assert sum(n.op_type == "Add" for n in fused.graph.node) == concats
+    assert len(fused.graph.node) < len(plain.graph.node)
+    onnx.checker.check_model(fused, full_check=True)
+    x = seeded_input(2, 1, spec.patch_size, seed=7)
+    a = _session(plain).run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    b = _session(fused).run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    assert np.abs(a - b).max() <= 1e-4
+    assert np.abs(b - torch_reference(network, x)).max() <= 1e-3
+    # the fp16 pass keeps its guarantees on the folded graph
+    verify_fp16_graph(convert_to_fp16(fused))
+
+
+def test_concat_folding_leaves_undecomposed_networks_alone(plain_model):
+    spec = plain_model.spec
+    plain = export_torch_to_onnx(plain_model.networks[0], num_input_channels=1, patch_size=spec.patch_size, fuse=False)
+    fused = export_torch_to_onnx(plain_model.networks[0], num_input_channels=1, patch_size=spec.patch_size)
+    assert [n.op_type for n in plain.graph.node] == [n.op_type for n in fused.graph.node]

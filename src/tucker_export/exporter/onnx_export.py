@@ -5,7 +5,9 @@ One file per fold and precision, ``BUNDLE/onnx/fold_<f>.<precision>.onnx``:
 - input ``input`` of shape ``(batch, C, *patch)``, float32, with a symbolic batch axis and static
   patch dims (nnU-Net always predicts whole patches; static dims let TensorRT and ONNX Runtime
   pick their kernels once); output ``logits`` of shape ``(batch, K, *patch)``, float32;
-- eval mode, deep supervision off (one output), constants folded;
+- eval mode, deep supervision off (one output), constants folded; in decomposed networks the
+  Tucker 1x1 convolutions around each decoder concatenation are folded together
+  (``onnx_fusion``: about 5% less time per patch in ONNX Runtime at 64^3);
 - ``onnx.checker`` full check and strict shape inference pass, and the declared input/output
   shapes are checked against the bundle's model description;
 - ``fp16``: see ``tucker_export.exporter.fp16`` (fp16 convolutions, fp32 InstanceNormalization,
@@ -202,11 +204,13 @@ def export_torch_to_onnx(
     patch_size: Sequence[int],
     opset: int = DEFAULT_OPSET,
     trace_batch: int = 2,
+    fuse: bool = True,
 ) -> onnx.ModelProto:
     """Trace ``network`` (eval mode, CPU, deep supervision off) into an fp32 ONNX model in memory.
 
     ``trace_batch`` is 2 so that nothing batch-1-specific can be baked into the trace; the batch
-    axis is symbolic in the result either way.
+    axis is symbolic in the result either way. ``fuse`` folds the Tucker 1x1 convolutions around
+    the decoder's concatenations (``onnx_fusion``; a no-op on undecomposed networks).
     """
     import onnx
     import torch
@@ -251,6 +255,10 @@ def export_torch_to_onnx(
     # The exporter de-duplicates equal parameters into Identity nodes; undo that so every layer
     # owns its weights (required for the fp16 pass and clearer in TensorRT's layer names).
     unshare_initializers(model)
+    if fuse:
+        from tucker_export.exporter.onnx_fusion import fuse_concat_pointwise
+
+        fuse_concat_pointwise(model)
     model.graph.name = "nnunet"
     return model
 
