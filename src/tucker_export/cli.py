@@ -155,10 +155,13 @@ def inspect(model_dir: Path, folds: tuple[str, ...], checkpoint_name: str, trust
 @click.option("--save-probabilities", is_flag=True, help="Also write nnU-Net's .npz probabilities and .pkl properties.")
 @click.option("--overwrite", is_flag=True, help="Redo cases whose segmentation already exists (default: skip them).")
 @click.option("--trust-checkpoint", is_flag=True, help="With -m: allow full-pickle checkpoint loading.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write per-case status and timings (preprocess, network, export) as JSON.")
 @click.pass_context
 def infer(ctx: click.Context, input_path: Path, output_dir: Path, bundle_path: Path | None, model_dir: Path | None,
           backend: str, precision: str, folds: tuple[str, ...], step_size: float, disable_tta: bool,
-          batch_size: int, device: str, save_probabilities: bool, overwrite: bool, trust_checkpoint: bool) -> None:
+          batch_size: int, device: str, save_probabilities: bool, overwrite: bool, trust_checkpoint: bool,
+          report_path: Path | None) -> None:
     """Segment CT scans with a bundle (or a plain nnU-Net model), nnU-Net compatible.
 
     Preprocessing, sliding window, mirroring, fold ensembling and export are nnU-Net's own; only the
@@ -175,6 +178,10 @@ def infer(ctx: click.Context, input_path: Path, output_dir: Path, bundle_path: P
         progress=ctx.obj["verbosity"] >= 0, trust_checkpoint=trust_checkpoint,
     )
     click.echo(report.summary())
+    if report_path is not None:
+        from tucker_export._io import write_json_atomic
+
+        write_json_atomic(report_path, report.to_dict())
     if report.failed:
         raise TuckerExportError(f"{len(report.failed)} of {len(report.results)} case(s) failed (listed above).")
 

@@ -49,6 +49,14 @@ class InferenceReport:
     folds: tuple[Fold, ...]
     batch_size: int
 
+    def to_dict(self) -> dict:
+        return {
+            "backend": self.backend, "backend_reason": self.backend_reason, "precision": self.precision,
+            "folds": [str(f) for f in self.folds], "batch_size": self.batch_size,
+            "cases": [{"name": r.name, "status": r.status, "output": str(r.output) if r.output else None,
+                       "error": r.error, "seconds": r.seconds} for r in self.results],
+        }
+
     @property
     def failed(self) -> list[CaseResult]:
         return [r for r in self.results if r.status == "failed"]
