@@ -152,7 +152,16 @@ def decompose_network(
     if hooi_iterations < 0:
         raise RankPolicyError(f"--hooi-iterations must be >= 0, got {hooi_iterations}.")
     started = time.perf_counter()
+    timings: dict[str, float] = {}
+    clock = [started]
+
+    def lap(phase: str) -> None:
+        now = time.perf_counter()
+        timings[phase] = round(now - clock[0], 3)
+        clock[0] = now
+
     before = count_network(network, input_shape)
+    lap("count_before")
     convs = find_convs(network)
     executed = before.executed_in_order()
     first_name = executed[0].name if executed else None
@@ -204,6 +213,7 @@ def decompose_network(
     iterator = tqdm(candidates, desc=f"{description}analysing", unit="layer", disable=not progress, leave=False)
     for _, name, conv in iterator:
         spectra[name] = mode_spectra(canonical_kernel(conv), device=device)
+    lap("spectra")
 
     metric = policy.budget_metric if policy.mode == "budget" else "macs"
     mac_costs = {
@@ -245,6 +255,7 @@ def decompose_network(
                 unfolding_shape_out=s.unfolding_shapes[0], unfolding_shape_in=s.unfolding_shapes[1],
             )
             chosen[name] = layer_ranks(policy, layer)
+    lap("ranks")
 
     iterator = tqdm(candidates, desc=f"{description}factorizing", unit="layer", disable=not progress, leave=False)
     for index, name, conv in iterator:
@@ -268,7 +279,9 @@ def decompose_network(
                      params_after=module_params(module))
         del spectra[name]
 
+    lap("factorize")
     after = count_network(network, input_shape)
+    lap("count_after")
     for entry in layers:
         if entry["action"] == "factorized":
             entry["macs_after"] = sum(c.macs for c in after.under(entry["name"]))
@@ -294,6 +307,7 @@ def decompose_network(
         totals["budget"] = budget_info
     seconds = time.perf_counter() - started
     totals["seconds"] = round(seconds, 3)
+    totals["seconds_per_phase"] = timings
     return DecompositionResult(network, layers, totals, before, after, seconds)
 
 
