@@ -140,3 +140,21 @@ def test_hooi_iterations_are_recorded_and_do_not_worsen_any_layer(tmp_path):
     x = random_input((1, 16, 16))
     with torch.no_grad():
         assert hooi.build_network(0)(x).shape == (1, 4, 16, 16)
+
+
+def test_the_thread_setting_is_scoped_to_the_decomposition(tmp_path):
+    network, input_shape = load_network(model_folder(tmp_path, "plain-2d"))
+    before = torch.get_num_threads()
+    seen = []
+    original = decompose_module._decompose_network
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    decompose_module._decompose_network = spy
+    try:
+        decompose_network(network, input_shape, RankPolicy(), threads=1)
+    finally:
+        decompose_module._decompose_network = original
+    assert seen == [1] and torch.get_num_threads() == before

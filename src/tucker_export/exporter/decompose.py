@@ -28,7 +28,8 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,20 @@ def _layer_cost(name: str, conv: _ConvNd, count_in: int, count_out: int, metric:
     )
 
 
+@contextmanager
+def cpu_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)``, restoring the previous value after."""
+    if threads is None or threads == torch.get_num_threads():
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def decompose_network(
     network: nn.Module,
     input_shape: Sequence[int],
@@ -137,6 +152,7 @@ def decompose_network(
     skip: SkipRules = SkipRules(),
     hooi_iterations: int = 0,
     device: str | torch.device = "cpu",
+    threads: int | None = 1,
     progress: bool = False,
     description: str = "",
 ) -> DecompositionResult:
@@ -147,7 +163,30 @@ def decompose_network(
     Every convolution is visited once even when reachable under several names, and replaced in
     every parent that holds it. ``device`` is where the factorization math runs (the network's
     weights stay where they are).
+
+    ``threads``: torch CPU threads while it runs (restored afterwards; ``None`` keeps torch's
+    setting). The default is 1 because the matrices are small: on an idle 2-core machine two
+    threads take ~0.9 s instead of ~1.2 s for a TotalSegmentator-size network, but when another
+    process shares the cores, OpenMP's spin-waiting made two threads 3-10x slower (measured).
     """
+    if threads is not None and threads < 1:
+        raise RankPolicyError(f"threads must be >= 1 or None, got {threads}.")
+    with cpu_threads(threads if torch.device(device).type == "cpu" else None):
+        return _decompose_network(network, input_shape, policy, skip=skip, hooi_iterations=hooi_iterations,
+                                  device=device, progress=progress, description=description)
+
+
+def _decompose_network(
+    network: nn.Module,
+    input_shape: Sequence[int],
+    policy: RankPolicy,
+    *,
+    skip: SkipRules,
+    hooi_iterations: int,
+    device: str | torch.device,
+    progress: bool,
+    description: str,
+) -> DecompositionResult:
     policy.validate()
     if hooi_iterations < 0:
         raise RankPolicyError(f"--hooi-iterations must be >= 0, got {hooi_iterations}.")
@@ -323,6 +362,7 @@ def decompose_model(
     overwrite: bool = False,
     device: str = "cpu",
     hooi_iterations: int = 0,
+    threads: int | None = 1,
     trust_checkpoint: bool = False,
     progress: bool = True,
 ) -> Bundle:
@@ -330,7 +370,8 @@ def decompose_model(
 
     ``folds=None`` takes every fold with a checkpoint. ``policy`` defaults to ``RankPolicy()``
     (relative, factor 0.3, ranks rounded to multiples of 8). ``device`` ("cpu", "cuda",
-    "cuda:1") is where the factorization math runs. The bundle holds bundle.json, the source
+    "cuda:1") is where the factorization math runs, ``threads`` how many CPU threads it uses
+    (see ``decompose_network``). The bundle holds bundle.json, the source
     plans.json and dataset.json, and ``weights/fold_<f>.safetensors`` (each tensor once; the
     loader restores nnU-Net's aliased keys). It is built in a staging folder and replaces
     ``output`` only when complete; an existing non-empty ``output`` needs ``overwrite=True``.
@@ -376,7 +417,7 @@ def decompose_model(
             label = f"fold {fold}: " if len(loaded.folds) > 1 else ""
             result = decompose_network(
                 network, input_shape, policy, skip=skip, hooi_iterations=hooi_iterations,
-                device=torch_device, progress=progress, description=label,
+                device=torch_device, threads=threads, progress=progress, description=label,
             )
             relative = Path("weights") / f"fold_{fold}.safetensors"
             save_file(deduplicated_state_dict(network), str(staging / relative))
