@@ -142,7 +142,7 @@ def test_hooi_iterations_are_recorded_and_do_not_worsen_any_layer(tmp_path):
         assert hooi.build_network(0)(x).shape == (1, 4, 16, 16)
 
 
-def test_the_thread_setting_is_scoped_to_the_decomposition(tmp_path):
+def test_the_thread_setting_is_scoped_to_the_decomposition(tmp_path, monkeypatch):
     network, input_shape = load_network(model_folder(tmp_path, "plain-2d"))
     before = torch.get_num_threads()
     seen = []
@@ -152,9 +152,6 @@ def test_the_thread_setting_is_scoped_to_the_decomposition(tmp_path):
         seen.append(torch.get_num_threads())
         return original(*args, **kwargs)
 
-    decompose_module._decompose_network = spy
-    try:
-        decompose_network(network, input_shape, RankPolicy(), threads=1)
-    finally:
-        decompose_module._decompose_network = original
+    monkeypatch.setattr(decompose_module, "_decompose_network", spy)
+    decompose_network(network, input_shape, RankPolicy(), threads=1)
     assert seen == [1] and torch.get_num_threads() == before
