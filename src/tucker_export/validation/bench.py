@@ -1272,6 +1272,8 @@ def format_sweep_table(report: SweepReport | Mapping[str, Any]) -> str:
     structures = data["structures"]
     rows = [[row["label"], *(fmt(row["dice_vs_original"].get(s), 4) for s in structures)] for row in data["rows"]]
     lines.extend(_table(["factor", *structures], rows, "l" + "r" * len(structures)))
+    if any(v is None for row in data["rows"] for v in row["dice_vs_original"].values()):
+        lines.append("- : the structure is in neither segmentation of any case")
     return "\n".join(lines)
 
 
@@ -1307,13 +1309,21 @@ def plot_sweep(report: SweepReport | Mapping[str, Any], path: str | Path, *, tit
               (axes[1], macs, "MACs kept (Tucker / original)"))
     colors = [f"C{i % 10}" for i in range(len(structures))]
     for ax, xs, xlabel in panels:
-        for name, color in zip(structures, colors):
-            ax.plot(xs, series(name), marker="o", ms=4, lw=1.2, color=color, alpha=0.85, label=name)
+        # The mean goes underneath (grey, wide) so that a structure lying on it stays visible.
         mean = series(None)
-        ax.plot(xs, mean, marker="s", ms=6, lw=2.5, color="black", label="mean of structures")
-        for x, y, text in zip(xs, mean, labels):
-            if math.isfinite(x) and math.isfinite(y):
-                ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, -12), fontsize=8)
+        ax.plot(xs, mean, marker="s", ms=7, lw=4, color="0.25", alpha=0.45, zorder=2, label="mean of structures")
+        for name, color in zip(structures, colors):
+            values = series(name)
+            no_data = not any(math.isfinite(v) for v in values)
+            ax.plot(xs, values, marker="o", ms=4, lw=1.3, color=color, zorder=3,
+                    label=f"{name} (absent in every case)" if no_data else name)
+        ax.plot(xs[:1], mean[:1], marker="*", ms=14, color="black", ls="none", zorder=4, label="original model")
+        # rank-factor labels alternate above and below the mean so neighbouring points stay legible
+        for index, (x, y, text) in enumerate(zip(xs, mean, labels)):
+            if index == 0 or not (math.isfinite(x) and math.isfinite(y)):
+                continue
+            offset = (5, 7) if index % 2 else (5, -13)
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=offset, fontsize=8, zorder=5)
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
         ax.set_xlabel(xlabel)
         ax.grid(True, alpha=0.3)
@@ -1326,7 +1336,7 @@ def plot_sweep(report: SweepReport | Mapping[str, Any], path: str | Path, *, tit
         title or (
             f"Tucker rank-factor sweep, {model_name}\n{settings['backend']} {settings['precision']} on "
             f"{settings['device']}, TTA {settings['tta']}, {len(data['cases'])} case(s), "
-            f"folds {', '.join(settings['folds'])}; labels = rank factor"
+            f"folds {', '.join(settings['folds'])}; point labels = rank factor"
         ),
         fontsize=10,
     )

@@ -165,7 +165,7 @@ def bench_command(
     if title_model is not None:
         s = report.settings
         title = (f"Tucker rank-factor sweep, {title_model}\n{s['backend']} {s['precision']} on {s['device']}, "
-                 f"TTA {s['tta']}, {len(report.cases)} held-out case(s); labels = rank factor")
+                 f"TTA {s['tta']}, {len(report.cases)} held-out case(s); point labels = rank factor")
         report.settings["title"] = title
     json_file, png_file = write_sweep_outputs(report, out_dir, name, title=title)
     click.echo(format_sweep_table(report))
