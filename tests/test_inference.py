@@ -185,3 +185,21 @@ def test_real_ct_runs_through_infer(shared_ct_dir: Path, demo_model, tmp_path: P
     source = sitk.ReadImage(str(shared_ct_dir / "example_ct_sm.nii.gz"))
     assert seg.GetSize() == source.GetSize()
     assert np.allclose(seg.GetSpacing(), source.GetSpacing())
+
+
+def test_model_folder_through_onnx_runtime(model_dir: Path, input_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """-m with the ort backend makes (once, in the cache) an undecomposed bundle and its ONNX, then runs it."""
+    monkeypatch.setenv("TUCKER_EXPORT_CACHE", str(tmp_path / "cache"))
+    report = run_inference(input_dir, tmp_path / "ort", model_dir=model_dir, backend="ort", progress=False,
+                           use_mirroring=False)
+    assert report.backend == "ort"
+    run_inference(input_dir, tmp_path / "torch", model_dir=model_dir, backend="torch", progress=False,
+                  use_mirroring=False)
+    for name in ("a", "b"):
+        ort_seg = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ort" / f"{name}.nii.gz")))
+        torch_seg = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "torch" / f"{name}.nii.gz")))
+        assert (ort_seg == torch_seg).mean() >= 0.999
+    cached = list((tmp_path / "cache" / "bundles").iterdir())
+    assert len(cached) == 1 and (cached[0] / "onnx" / "fold_0.fp32.onnx").is_file()
+    again = run_inference(input_dir, tmp_path / "ort", model_dir=model_dir, backend="ort", progress=False)
+    assert [r.status for r in again.results] == ["skipped", "skipped"]

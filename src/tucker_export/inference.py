@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from tucker_export.errors import ConfigurationError, InputImageError, TuckerExportError
+from tucker_export.errors import ConfigurationError, InputImageError, ModelFolderError, TuckerExportError
 from tucker_export.nnunet.cases import Case, check_readable, discover_cases, read_dicom_series
 from tucker_export.nnunet.loading import Fold, ModelSpec
 from tucker_export.nnunet.predictor import EnginePredictor, FoldModel
@@ -132,7 +132,8 @@ def open_fold_engines(
         from tucker_export.bundle import Bundle
 
         if model_dir is not None:
-            bundle = undecomposed_bundle(model_dir, trust_checkpoint=trust_checkpoint)
+            bundle = undecomposed_bundle(model_dir, precision=precision if backend != "torch" else None,
+                                         trust_checkpoint=trust_checkpoint)
         else:
             bundle = Bundle.load(bundle_path)
         selected_folds = bundle.resolve_folds(folds)
@@ -155,24 +156,36 @@ def runner_fold_model(runner, device: torch.device) -> FoldModel:
     return run
 
 
-def undecomposed_bundle(model_dir: str | Path, *, trust_checkpoint: bool = False):
-    """A cached bundle of the undecomposed model (rank mode ``none``), so -m runs through the same engines."""
+def undecomposed_bundle(model_dir: str | Path, *, precision: str | None = None, trust_checkpoint: bool = False):
+    """A cached bundle of the undecomposed model (rank mode ``none``), so -m runs through the same engines.
+
+    It lives in the cache folder under the model's checksum and is made once; with ``precision``
+    its ONNX export for that precision is made once too.
+    """
     from tucker_export.bundle import Bundle, model_checksum
     from tucker_export.demo import demo_cache_dir
     from tucker_export.exporter.decompose import decompose_model
+    from tucker_export.exporter.onnx_export import export_bundle, onnx_key
     from tucker_export.exporter.ranks import RankPolicy
     from tucker_export.nnunet.loading import available_folds
 
     model_dir = Path(model_dir)
     folds = available_folds(model_dir)
+    if not folds:
+        raise ModelFolderError(f"{model_dir} has no fold_N/checkpoint_final.pth; is it an nnU-Net trained model folder?")
     checksum = model_checksum(model_dir, [model_dir / f"fold_{f}" / "checkpoint_final.pth" for f in folds])
     target = demo_cache_dir() / "bundles" / f"original-{checksum[:16]}"
     if (target / "bundle.json").is_file():
-        return Bundle.load(target)
-    logger.info("Preparing an undecomposed bundle of %s in %s (once per model).", model_dir, target)
-    return decompose_model(
-        model_dir, target, policy=RankPolicy(mode="none"), overwrite=True, trust_checkpoint=trust_checkpoint
-    )
+        bundle = Bundle.load(target)
+    else:
+        logger.info("Preparing an undecomposed bundle of %s in %s (once per model).", model_dir, target)
+        bundle = decompose_model(model_dir, target, policy=RankPolicy(mode="none"), overwrite=True,
+                                 trust_checkpoint=trust_checkpoint, progress=False)
+    missing = [f for f in bundle.folds if onnx_key(f, precision) not in bundle.manifest.get("onnx", {})] if precision else []
+    if missing:
+        logger.info("Exporting the undecomposed model to ONNX (%s), once per model.", precision)
+        export_bundle(bundle, precisions=(precision,), folds=missing, progress=False)
+    return bundle
 
 
 def parse_device(device: str) -> torch.device:
