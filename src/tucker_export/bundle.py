@@ -8,7 +8,7 @@ Layout::
       weights/fold_<f>.safetensors
       onnx/fold_<f>.<precision>.onnx
       engines/<gpu-kind>/...   TensorRT engines, keyed in the manifest
-      timing_caches/<gpu-kind>.cache
+      timing_caches/<gpu-kind>.trt<version>.cache   (see tucker_export.engines.keys)
 
 ``decompose`` creates it, ``export`` and ``build`` add entries, ``infer``/``validate``/``bench``
 read it. Every manifest update is an atomic rewrite of ``bundle.json``.
