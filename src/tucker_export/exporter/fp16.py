@@ -22,6 +22,7 @@ result is verified node by node (``verify_fp16_graph``) rather than trusted.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -89,9 +90,18 @@ def convert_to_fp16(model: onnx.ModelProto, *, fp32_ops: tuple[str, ...] = FP32_
     unshare_initializers(work)
     block_list = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(fp32_ops))
     try:
-        converted = float16.convert_float_to_float16(work, keep_io_types=True, op_block_list=block_list)
+        with warnings.catch_warnings(record=True) as caught:
+            # The converter warns once per weight below fp16's range (it stores them as +-1e-7);
+            # trained kernels have a few such near-zero values, which is harmless: count, not spam.
+            warnings.simplefilter("always")
+            converted = float16.convert_float_to_float16(work, keep_io_types=True, op_block_list=block_list)
     except Exception as error:  # the library raises plain Exceptions/ValueErrors with its own wording
         raise ExportError(f"fp16 conversion of the ONNX graph failed in onnxconverter-common ({error}).") from error
+    truncated = sum("truncated" in str(w.message) for w in caught)
+    if truncated:
+        logger.debug("fp16 conversion: %d weight value(s) outside fp16's range were clamped.", truncated)
+    for other in (w for w in caught if "truncated" not in str(w.message)):
+        warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
     # The converter leaves stale value_info types behind on some graphs; re-infer from scratch.
     del converted.graph.value_info[:]
     return onnx.shape_inference.infer_shapes(converted, strict_mode=True)
