@@ -18,3 +18,11 @@ def shared_ct_dir() -> Path:
     if not (SHARED_DATA / "example_ct.nii.gz").is_file():
         pytest.skip(f"real CT example not found at {SHARED_DATA} (only present in this project's workplace)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def demo_model():
+    """The trained demo model, built once into the cache (minutes on first use) and reused after."""
+    from tucker_export.demo import ensure_demo_model
+
+    return ensure_demo_model(progress=False)

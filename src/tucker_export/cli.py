@@ -246,10 +246,12 @@ def _add_subpackage_commands() -> None:
     from tucker_export.engines.cli_build import build_command
     from tucker_export.exporter.cli_decompose import decompose_command
     from tucker_export.exporter.cli_export import export_command
+    from tucker_export.validation.cli_bench import bench_command
 
     cli.add_command(decompose_command, "decompose")
     cli.add_command(export_command, "export")
     cli.add_command(build_command, "build")
+    cli.add_command(bench_command, "bench")
 
 
 _add_subpackage_commands()
