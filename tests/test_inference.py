@@ -203,3 +203,45 @@ def test_model_folder_through_onnx_runtime(model_dir: Path, input_dir: Path, tmp
     assert len(cached) == 1 and (cached[0] / "onnx" / "fold_0.fp32.onnx").is_file()
     again = run_inference(input_dir, tmp_path / "ort", model_dir=model_dir, backend="ort", progress=False)
     assert [r.status for r in again.results] == ["skipped", "skipped"]
+
+
+@pytest.mark.slow
+def test_demo_ort_matches_stock_nnunetv2_predict(demo_model, tmp_path: Path, monkeypatch) -> None:
+    """The issue's bar: infer -m --backend ort vs stock nnUNetv2_predict, same settings, Dice >= 0.99 per class."""
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("TUCKER_EXPORT_CACHE", str(tmp_path / "cache"))
+    folds = [str(f) for f in demo_model.folds]
+    result = CliRunner().invoke(cli, ["-q", "infer", "-i", str(demo_model.test_images_dir), "-o", str(tmp_path / "ours"),
+                                      "-m", str(demo_model.model_dir), "--backend", "ort", "--disable-tta",
+                                      "-f", ",".join(folds)])
+    assert result.exit_code == 0, result.output
+    env = dict(os.environ, nnUNet_results=str(demo_model.results_dir),
+               nnUNet_extTrainer=str(demo_model.trainer_search_path),
+               nnUNet_raw=str(tmp_path), nnUNet_preprocessed=str(tmp_path))
+    subprocess.run(
+        [str(Path(sys.executable).parent / "nnUNetv2_predict"), "-i", str(demo_model.test_images_dir),
+         "-o", str(tmp_path / "stock"), "-d", demo_model.dataset_name, "-tr", demo_model.trainer_name,
+         "-p", demo_model.plans_name, "-c", demo_model.configuration, "-f", *folds, "--disable_tta",
+         "-device", "cpu"],
+        env=env, check=True, capture_output=True,
+    )
+    from tucker_export.validation.metrics import compute_class_metrics
+
+    outputs = sorted((tmp_path / "stock").glob("*.nii.gz"))
+    assert outputs
+    for stock_path in outputs:
+        stock = sitk.ReadImage(str(stock_path))
+        ours = sitk.ReadImage(str(tmp_path / "ours" / stock_path.name))
+        assert ours.GetSize() == stock.GetSize()
+        assert ours.GetPixelID() == stock.GetPixelID()
+        assert np.allclose(ours.GetSpacing(), stock.GetSpacing())
+        assert np.allclose(ours.GetOrigin(), stock.GetOrigin())
+        assert np.allclose(ours.GetDirection(), stock.GetDirection())
+        metrics = compute_class_metrics(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(stock),
+                                        list(range(1, 6)), tuple(reversed(stock.GetSpacing())))
+        for label, m in metrics.items():
+            if m.status != "absent":
+                assert m.dice >= 0.99, (stock_path.name, label, m)
