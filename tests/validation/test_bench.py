@@ -217,7 +217,7 @@ def test_cli_sweep_writes_json_and_png(setup, tmp_path: Path) -> None:
     result = CliRunner().invoke(_group(), [
         "bench", "--sweep-rank-factor", "0.5,0.25", "-m", str(setup["model"]), "-f", "0", "-i", str(setup["images"]),
         "--labels", str(setup["labels"]), "--out-dir", str(out), "--name", "tiny", "--repeats", "2", "--warmup", "0",
-        "--work-dir", str(tmp_path / "work"),
+        "--work-dir", str(tmp_path / "work"), "--case-repeats", "2",
     ])
     assert result.exit_code == 0, result.output
     assert (out / "tiny.png").read_bytes()[:8] == PNG_SIGNATURE
@@ -234,7 +234,10 @@ def test_cli_sweep_writes_json_and_png(setup, tmp_path: Path) -> None:
     assert half["rank_policy"] == {**half["rank_policy"], "mode": "relative", "factor": 0.5}
     for row in data["rows"]:
         assert row["dice_vs_truth"] is not None and set(row["dice_vs_original"]) == set(data["structures"])
-        assert row["onnx_bytes"] > 0 and row["per_case"]["case0"]["seconds"]["network_s"] >= 0
+        assert row["onnx_bytes"] > 0 and set(row["per_case"]["case0"]) == {"vs_original", "vs_truth"}
+        (case,) = row["end_to_end"]["cases"]
+        assert case["case"] == "case0" and case["runs"] == 2 and case["network_s"] >= 0
+        assert row["end_to_end"]["summary"]["done"] == 1 and row["end_to_end"]["settings"]["case_repeats"] == 2
     assert "Dice vs the original, per structure" in result.output
 
 
@@ -251,6 +254,7 @@ def test_cli_sweep_writes_json_and_png(setup, tmp_path: Path) -> None:
      "--json only applies to one bundle"),
     (["--demo", "-m", "{model}", "--out-dir", "{tmp}"], "without --demo"),
     (["{bundle}", "--labels", "{images}"], "--labels only applies to a sweep"),
+    (["{bundle}", "--case-repeats", "2", "--sequential"], "--sequential and --case-repeats only apply to a sweep"),
     (["{bundle}", "--batch-sizes", "0"], ">= 1"),
     (["{bundle}", "--backend", "auto"], "not auto"),
     (["{bundle}", "--precision", "int8"], "int8"),

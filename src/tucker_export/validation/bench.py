@@ -25,6 +25,7 @@ Measurement choices (why the numbers mean what they say):
 - The sweep times its rows *interleaved* (round-robin, rotating the order each round): on a
   shared machine the load drifts, and timing one row after the other would turn that drift into a
   false speed-up. ``interleave=False`` times one row at a time (less memory: one session open).
+  Its segmentation runs are interleaved the same way, case by case, after one untimed case.
 - Peak RSS: the kernel's high-water mark (VmHWM) is reset before each measurement by writing 5 to
   ``/proc/self/clear_refs`` (Linux >= 4.0), so ``peak_rss_bytes`` is the peak *during* that
   measurement. Where the reset is not possible it is ``ru_maxrss``, the process-lifetime peak, and
@@ -1014,6 +1015,7 @@ def sweep_rank_factors(
     use_mirroring: bool = False,
     step_size: float = 0.5,
     inference_batch_size: int = 1,
+    case_repeats: int = 1,
     device: str = "cpu",
     batch_sizes: Sequence[int] = (1,),
     warmup: int = 2,
@@ -1034,8 +1036,10 @@ def sweep_rank_factors(
     up to ``round_to``): decompose into ``work_dir/bundles``, export ONNX (``ort``, ``trt``) and
     build engines (``trt``), time the network (first fold, ``batch_sizes``; rows interleaved unless
     ``interleave=False``), segment ``images_dir`` into ``work_dir/segmentations`` through the same
-    backend, and compare per structure with the original's segmentations (and ``labels_dir``'s
-    ``<case>.nii.gz`` when given). TTA is off by default (``use_mirroring``): it multiplies every
+    backend (case by case, every row per case in rotating order), and compare per structure with the original's segmentations (and ``labels_dir``'s
+    ``<case>.nii.gz`` when given). ``case_repeats`` > 1 segments every case that many times per row
+    and keeps the median seconds of each stage (end-to-end times on a loaded machine vary by tens of
+    percent from run to run). TTA is off by default (``use_mirroring``): it multiplies every
     row's inference time by up to 8 in 3D and changes no row more than another.
 
     Writes ``json_path`` and ``plot_path`` (PNG) when given. Raises before any work when an option
@@ -1055,6 +1059,8 @@ def sweep_rank_factors(
     # ---- check everything before the first long step
     chosen_factors = parse_rank_factors(factors)
     _check_counts(warmup, repeats)
+    if isinstance(case_repeats, bool) or not isinstance(case_repeats, int) or case_repeats < 1:
+        raise ConfigurationError(f"--case-repeats must be an integer >= 1, got {case_repeats!r}.")
     sizes_to_time = parse_batch_sizes(batch_sizes)
     backend = normalize_backend(backend)
     if backend == "auto":
@@ -1105,8 +1111,8 @@ def sweep_rank_factors(
         if factor is None:
             spec = bundle.spec
             file_ending = spec.dataset_json["file_ending"]
-            cases = [c.name for c in discover_cases(images_dir, num_channels=spec.num_input_channels,
-                                                    file_ending=file_ending)]
+            found = discover_cases(images_dir, num_channels=spec.num_input_channels, file_ending=file_ending)
+            cases = [c.name for c in found]
         if backend in ("ort", "trt"):
             export_bundle(bundle, precisions=(precision,), folds=list(selected), progress=False)
         if backend == "trt":
@@ -1136,24 +1142,63 @@ def sweep_rank_factors(
                 progress=progress and interleave,
             ))
 
-    # ---- 3. segment the images with every row
-    e2e: dict[str, EndToEnd] = {}
-    seg_dirs: dict[str, Path] = {}
-    bar = tqdm(plan, desc="sweep: segment", unit="row", disable=not progress)
-    for factor in bar:
-        label = label_of[factor]
-        bar.set_postfix_str(label)
-        seg_dirs[label] = work_dir / "segmentations" / _slug(factor)
-        e2e[label], report = end_to_end(
-            images_dir, bundle_path=bundles[factor].path, backend=backend, precision=precision, folds=selected,
+    # ---- 3. segment the images with every row, case by case with the rows in rotating order (as for
+    # the latency: load drift on a shared machine must not favour the rows that happen to run late);
+    # one untimed case first, so one-time costs (imports, first allocations) land on no row.
+    seg_dirs = {label_of[f]: work_dir / "segmentations" / _slug(f) for f in plan}
+    row_cases: dict[str, list[dict[str, Any]]] = {label_of[f]: [] for f in plan}
+    row_memory: dict[str, dict[str, Any]] = {}
+    row_backend: dict[str, tuple[str, str]] = {}
+
+    def segment(case_source: Path, factor: float | None, output_dir: Path) -> EndToEnd:
+        figures, report = end_to_end(
+            case_source, bundle_path=bundles[factor].path, backend=backend, precision=precision, folds=selected,
             device=device, use_mirroring=use_mirroring, step_size=step_size, batch_size=inference_batch_size,
-            output_dir=seg_dirs[label],
+            output_dir=output_dir,
         )
         if report.failed:
             first = report.failed[0]
-            raise InputImageError(
-                f"{len(report.failed)} case(s) failed in the sweep's {label} run (first: {first.name}: {first.error})."
-            )
+            raise InputImageError(f"Case {first.name} failed in the sweep's {label_of[factor]} run ({first.error}).")
+        return figures
+
+    def source(case: Any) -> Path:
+        return case.dicom_dir if case.dicom_dir is not None else case.files[0]
+
+    with tempfile.TemporaryDirectory(prefix="tucker-export-warmup-") as scratch:
+        segment(source(found[0]), None, Path(scratch))
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {label_of[f]: {c.name: [] for c in found} for f in plan}
+    bar = tqdm(total=case_repeats * len(found), desc="sweep: segment", unit="case", disable=not progress)
+    for repeat in range(case_repeats):
+        for index, case in enumerate(found):
+            shift = (repeat * len(found) + index) % len(plan)
+            for factor in plan[shift:] + plan[:shift]:
+                label = label_of[factor]
+                bar.set_postfix_str(f"{case.name} {label}")
+                figures = segment(source(case), factor, seg_dirs[label])
+                runs[label][case.name].extend(figures.cases)
+                row_backend[label] = (figures.settings["backend"], figures.settings["backend_reason"])
+                previous = row_memory.get(label, {}).get("peak_rss_bytes") or 0
+                if (figures.memory.get("peak_rss_bytes") or 0) >= previous:
+                    row_memory[label] = figures.memory  # the largest peak over this row's runs
+            bar.update()
+    bar.close()
+    for label, per_case in runs.items():
+        for name, entries in per_case.items():
+            # the median of each stage over the repeats; the segmentation itself is the same every time
+            row_cases[label].append({
+                "case": name, "status": "done", "error": None, "runs": len(entries),
+                **{key: float(np.median([e[key] for e in entries]))
+                   for key in ("preprocess_s", "network_s", "export_s", "total_s")},
+            })
+    e2e: dict[str, EndToEnd] = {}
+    for factor in plan:
+        label = label_of[factor]
+        settings = {"input": str(images_dir), "backend": row_backend[label][0],
+                    "backend_reason": row_backend[label][1], "precision": precision,
+                    "folds": [str(f) for f in selected], "mirroring": use_mirroring, "step_size": step_size,
+                    "batch_size": inference_batch_size, "device": str(device), "case_repeats": case_repeats,
+                    "order": "cases interleaved across rows; per case the median over case_repeats runs"}
+        e2e[label] = EndToEnd(settings, row_cases[label], _end_to_end_summary(row_cases[label]), row_memory[label])
 
     # ---- 4. compare per structure and assemble the rows
     references = {case: _read_label_map(seg_dirs[BASELINE_LABEL] / f"{case}{file_ending}") for case in cases}
@@ -1180,8 +1225,6 @@ def sweep_rank_factors(
             entry = {"vs_original": _compare(prediction, reference, spacing, foreground, names, nsd_tolerance_mm)}
             if case in truths:
                 entry["vs_truth"] = _compare(prediction, truths[case][0], spacing, foreground, names, nsd_tolerance_mm)
-            timing = next(c for c in e2e[label].cases if c["case"] == case)
-            entry["seconds"] = {k: timing[k] for k in ("preprocess_s", "network_s", "export_s", "total_s")}
             per_case[case] = entry
         stats = timings[label]
         speedup: dict[str, float | None] = {
@@ -1200,7 +1243,7 @@ def sweep_rank_factors(
             onnx_bytes=_file_size(bundle.artifact_path(onnx_entry["file"])) if onnx_entry else None,
             weights_bytes=_file_size(bundle.weights_path(latency_fold)),
             latency=list(stats.values()), speedup=speedup,
-            end_to_end={"summary": e2e[label].summary, "memory": e2e[label].memory},
+            end_to_end=e2e[label].to_dict(),
             dice_vs_original=_mean_over_cases(per_case, "vs_original", "dice", structures),
             nsd_vs_original=_mean_over_cases(per_case, "vs_original", "nsd", structures),
             dice_vs_truth=_mean_over_cases(per_case, "vs_truth", "dice", structures) if truths else None,
@@ -1218,7 +1261,7 @@ def sweep_rank_factors(
             "interleaved": interleave, "input_shape": list(input_shape),
             "images": str(images_dir), "labels": str(labels_dir) if labels_dir else None,
             "mirroring": use_mirroring, "tta": "on" if use_mirroring else "off",
-            "step_size": step_size, "inference_batch_size": inference_batch_size,
+            "step_size": step_size, "inference_batch_size": inference_batch_size, "case_repeats": case_repeats,
             "nsd_tolerance_mm": nsd_tolerance_mm, "title": title,
         },
         environment=environment(),

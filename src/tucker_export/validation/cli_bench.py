@@ -79,6 +79,8 @@ def _refuse(given: dict[str, object], form: str) -> None:
               help="Sweep: keep the bundles and segmentations here [default: a temporary folder, removed].")
 @click.option("--round-to", type=click.IntRange(min=1), default=8, show_default=True,
               help="Sweep: ranks rounded up to a multiple of this (1 = tucker-cnn's plain ceil).")
+@click.option("--case-repeats", type=click.IntRange(min=1), default=None,
+              help="Sweep: segment every case this many times per factor and keep the median seconds [default: 1].")
 @click.option("--sequential", is_flag=True,
               help="Sweep: time one network at a time (one session open) instead of interleaving the rows.")
 @click.pass_context
@@ -87,7 +89,7 @@ def bench_command(
     batch_sizes: str | None, repeats: int, warmup: int, input_path: Path | None, tta: bool | None, step_size: float,
     device: str, folds: tuple[str, ...], json_path: Path | None, sweep: str | None, model_dir: Path | None,
     labels_dir: Path | None, demo: bool, out_dir: Path | None, name: str, work_dir: Path | None, round_to: int,
-    sequential: bool,
+    case_repeats: int | None, sequential: bool,
 ) -> None:
     """Latency per backend, precision and batch size, memory, sizes and MACs of BUNDLE; or a rank-factor sweep.
 
@@ -113,7 +115,7 @@ def bench_command(
 
     if not is_sweep:
         _refuse({"-m/--model": model_dir, "--labels": labels_dir, "--out-dir": out_dir,
-                 "--work-dir": work_dir, "--sequential": sequential,
+                 "--work-dir": work_dir, "--sequential": sequential, "--case-repeats": case_repeats,
                  "--name": name if name != "sweep" else None, "--round-to": round_to if round_to != 8 else None},
                 "to a sweep (--sweep-rank-factor)")
         _bench_one(bundle, backends=_split(backends) or ["torch", "ort"], precisions=_split(precisions) or ["fp32"],
@@ -159,7 +161,8 @@ def bench_command(
             model_dir, factors or SWEEP_FACTORS, work_dir=folder, images_dir=input_path, labels_dir=labels_dir,
             backend=chosen_backends[0], precision=chosen_precisions[0], folds=_split(folds) or None,
             use_mirroring=bool(tta), step_size=step_size, device=device, batch_sizes=sizes or (1,), warmup=warmup,
-            repeats=repeats, interleave=not sequential, round_to=round_to, progress=progress,
+            repeats=repeats, interleave=not sequential, round_to=round_to, case_repeats=case_repeats or 1,
+            progress=progress,
         )
     title = None
     if title_model is not None:
