@@ -140,6 +140,16 @@ def find_trainer_class(trainer_name: str, extra_search_paths: tuple[Path, ...] =
 
     # nnU-Net narrates its search on stdout; keep stdout for our own results.
     with contextlib.redirect_stdout(io.StringIO()):
+        # nnU-Net's search imports every trainer module of its package (timm, torchvision, ...)
+        # before it looks elsewhere; a trainer that lives in a module of its own name in one of
+        # our folders is found without that detour (seconds of start-up saved per command).
+        for folder in (*extra_search_paths, *BUILTIN_TRAINER_PATHS):
+            if (folder / f"{trainer_name}.py").is_file():
+                found = recursive_find_python_class(
+                    str(folder), trainer_name, None, base_folder=str(folder), cleanup_imports_from_base_folder=True
+                )
+                if found is not None and issubclass(found, nnUNetTrainer):
+                    return found
         try:
             return recursive_find_trainer_class_by_name(trainer_name)
         except (RuntimeError, AssertionError):
