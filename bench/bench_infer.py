@@ -61,11 +61,12 @@ def _prepare(model, work: Path, rank_factor: float) -> dict[str, Path]:
 
 def _input_sets(model, work: Path, n_cases: int, real_ct: bool) -> dict[str, Path]:
     sets = {}
-    demo = work / "input-demo"
-    demo.mkdir()
-    for path in sorted(model.test_images_dir.glob("*_0000.nii.gz"))[:n_cases]:
-        shutil.copy(path, demo / path.name)
-    sets["demo"] = demo
+    if n_cases > 0:
+        demo = work / "input-demo"
+        demo.mkdir()
+        for path in sorted(model.test_images_dir.glob("*_0000.nii.gz"))[:n_cases]:
+            shutil.copy(path, demo / path.name)
+        sets["demo"] = demo
     if real_ct and REAL_CT.is_file():
         real = work / "input-real-ct"
         real.mkdir()
@@ -78,6 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=4, help="demo held-out cases to segment")
     parser.add_argument("--no-real-ct", action="store_true", help="skip ../shared's example_ct.nii.gz")
+    parser.add_argument("--no-demo", action="store_true", help="only the real CT")
     parser.add_argument("--rank-factor", type=float, default=0.3)
     parser.add_argument("--disable-tta", action="store_true", help="both sides without mirroring")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "infer.json")
@@ -88,7 +90,7 @@ def main() -> None:
     model = ensure_demo_model(progress=False)
     work = Path(tempfile.mkdtemp(prefix="bench-infer-"))
     bundles = _prepare(model, work, args.rank_factor)
-    inputs = _input_sets(model, work, args.cases, not args.no_real_ct)
+    inputs = _input_sets(model, work, 0 if args.no_demo else args.cases, not args.no_real_ct)
 
     env = dict(os.environ, nnUNet_results=str(model.results_dir), nnUNet_extTrainer=str(model.trainer_search_path),
                nnUNet_raw=str(work), nnUNet_preprocessed=str(work))
@@ -122,6 +124,7 @@ def main() -> None:
         for row in rows.values():
             row["speedup_vs_stock"] = round(stock / row["seconds"], 2)
         results[set_name] = rows
+        _write(args, results)  # after each input set, so a stopped run keeps what it measured
 
     print()
     for set_name, rows in results.items():
@@ -131,16 +134,20 @@ def main() -> None:
             stages = row.get("stages")
             split = " / ".join(f"{stages[k]:.1f}" for k in ("preprocess", "network", "export")) if stages else "-"
             print(f"{name:<26}{row['seconds']:>9.1f}{row['speedup_vs_stock']:>9.2f}x   {split}")
+    print(f"\nwrote {args.out}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _write(args: argparse.Namespace, results: dict) -> None:
     payload = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                    "load_average": os.getloadavg()},
         "settings": {"rank_factor": args.rank_factor, "folds": [0], "tta": not args.disable_tta,
                      "demo_cases": args.cases},
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
-    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
