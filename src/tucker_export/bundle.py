@@ -264,6 +264,14 @@ def model_checksum(model_dir: Path, checkpoint_paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def check_bundle_target(target: Path, *, overwrite: bool) -> None:
+    """Refuse a path that is a file, or a non-empty folder without ``overwrite`` (checked before any slow work)."""
+    if target.exists() and not target.is_dir():
+        raise BundleError(f"Bundle path {target} exists and is not a folder; choose another -o path.")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise BundleError(f"Bundle path {target} exists and is not empty; pass --overwrite to replace it.")
+
+
 @contextmanager
 def staged_bundle_dir(target: str | Path, *, overwrite: bool) -> Iterator[Path]:
     """A fresh folder to build a bundle in; it replaces ``target`` only when the block succeeds.
@@ -271,10 +279,7 @@ def staged_bundle_dir(target: str | Path, *, overwrite: bool) -> Iterator[Path]:
     An existing non-empty ``target`` is refused without ``overwrite`` and left untouched on failure.
     """
     target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise BundleError(f"Bundle path {target} exists and is not a folder; choose another -o path.")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise BundleError(f"Bundle path {target} exists and is not empty; pass --overwrite to replace it.")
+    check_bundle_target(target, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.staging"
     if staging.exists():

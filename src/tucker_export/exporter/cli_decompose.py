@@ -13,7 +13,8 @@ from pathlib import Path
 
 import click
 
-from tucker_export.errors import BundleError, RankPolicyError
+from tucker_export.bundle import check_bundle_target
+from tucker_export.errors import RankPolicyError
 
 
 def _verbosity(ctx: click.Context) -> int:
@@ -103,10 +104,7 @@ def decompose_command(
         budget_params=budget_params,
         round_to=round_to,
     ).validate()
-    if output.exists() and not output.is_dir():
-        raise BundleError(f"Bundle path {output} exists and is not a folder; choose another -o path.")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise BundleError(f"Bundle path {output} exists and is not empty; pass --overwrite to replace it.")
+    check_bundle_target(output, overwrite=overwrite)
     verbosity = _verbosity(ctx)
     bundle = decompose_model(
         model_dir,
