@@ -51,3 +51,24 @@ def test_backend_reasons_without_gpu() -> None:
 def test_unknown_command_is_a_usage_error() -> None:
     result = CliRunner().invoke(cli, ["frobnicate"])
     assert result.exit_code == 2 and "No such command" in result.output
+
+
+def test_verbosity_options_work_after_the_subcommand_too() -> None:
+    import click
+
+    from tucker_export.cli import _Group
+
+    group = _Group("probe-group")
+
+    @group.command("probe")
+    @click.pass_context
+    def probe(ctx: click.Context) -> None:
+        click.echo(ctx.find_root().obj.get("verbosity", 0) if ctx.find_root().obj else 0)
+
+    runner = CliRunner()
+    assert runner.invoke(group, ["probe", "-q"]).output.strip() == "-1"
+    assert runner.invoke(group, ["probe", "-vv"]).output.strip() == "2"
+    assert runner.invoke(group, ["probe"]).output.strip() == "0"
+    for command in ("decompose", "export", "build", "infer", "validate", "bench", "demo", "inspect"):
+        help_text = CliRunner().invoke(cli, [command, "--help"]).output
+        assert "-q, --quiet" in help_text and "-v, --verbose" in help_text, command

@@ -20,8 +20,40 @@ from tucker_export.errors import TuckerExportError
 logger = logging.getLogger("tucker_export")
 
 
+def _set_verbosity_from_subcommand(ctx: click.Context, param: click.Parameter, value: object) -> None:
+    """`tucker-export decompose ... -q` means the same as `tucker-export -q decompose ...`."""
+    if not value:
+        return
+    root = ctx.find_root()
+    root.ensure_object(dict)
+    if param.name == "quiet":
+        verbosity = -1
+    else:
+        verbosity = max(int(root.obj.get("verbosity", 0) or 0), 0) + int(value)  # type: ignore[call-overload]
+    root.obj["verbosity"] = verbosity
+    configure_logging(verbosity)
+
+
+def _verbosity_options() -> list[click.Option]:
+    return [
+        click.Option(["-v", "--verbose"], count=True, expose_value=False, is_eager=True,
+                     callback=_set_verbosity_from_subcommand, help="As `tucker-export -v`: more output."),
+        click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, is_eager=True,
+                     callback=_set_verbosity_from_subcommand, help="As `tucker-export -q`: only warnings and errors."),
+    ]
+
+
 class _Group(click.Group):
-    """Turns library errors into one clear sentence and exit 1, and Ctrl-C into exit 130."""
+    """Turns library errors into one clear sentence and exit 1, and Ctrl-C into exit 130.
+
+    Every subcommand also takes -v/-q, since users type them at the end of the line as often as
+    before the subcommand.
+    """
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        taken = {opt for param in cmd.params for opt in getattr(param, "opts", [])}
+        cmd.params.extend(option for option in _verbosity_options() if not taken & set(option.opts))
+        super().add_command(cmd, name)
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
