@@ -92,7 +92,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     Pipeline (each step reads and extends one bundle folder):
       decompose  nnU-Net model folder -> bundle (factorized weights, ranks, figures)
       export     bundle -> ONNX files per fold and precision (checked against PyTorch)
-      build      bundle -> TensorRT engines for the GPUs of this machine
+      build      bundle -> TensorRT engines for this machine's GPUs, or OpenVINO models for its CPU
       infer      CT scans -> segmentations, nnU-Net compatible, through the fastest engine
       validate   logits parity and Dice of the engine against PyTorch
       bench      latency, memory, size; rank-factor sweeps
@@ -174,9 +174,14 @@ def inspect(model_dir: Path, folds: tuple[str, ...], checkpoint_name: str, trust
               help="A bundle made by `tucker-export decompose`.")
 @click.option("-m", "--model", "model_dir", type=click.Path(path_type=Path), default=None,
               help="An undecomposed nnU-Net trained model folder, run through the same path.")
-@click.option("--backend", type=click.Choice(["auto", "trt", "ort", "torch"]), default="auto", show_default=True,
-              help="auto: a matching TensorRT engine, else ONNX Runtime, else PyTorch.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "trt", "ort", "openvino", "torch"]), default="auto", show_default=True,
+              help="auto: on a GPU a matching TensorRT engine, else ONNX Runtime; on the CPU OpenVINO (with "
+                   "--precision auto/bf16/int8), else ONNX Runtime; else PyTorch.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16", "int8"]), default="auto", show_default=True,
+              help="auto: on the CPU the fastest OpenVINO precision that passed its accuracy gate (compiled and "
+                   "gated on first use, bf16 where the CPU has it); fp32 elsewhere. bf16/int8 run on OpenVINO.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Engine threads [default: the physical cores this process may use].")
 @click.option("-f", "--folds", multiple=True, help="Folds to ensemble [default: all in the bundle/model].")
 @click.option("--step-size", type=float, default=0.5, show_default=True,
               help="Sliding-window step as a fraction of the patch size (nnU-Net's default 0.5).")
@@ -193,7 +198,7 @@ def inspect(model_dir: Path, folds: tuple[str, ...], checkpoint_name: str, trust
 def infer(ctx: click.Context, input_path: Path, output_dir: Path, bundle_path: Path | None, model_dir: Path | None,
           backend: str, precision: str, folds: tuple[str, ...], step_size: float, disable_tta: bool,
           batch_size: int, device: str, save_probabilities: bool, overwrite: bool, trust_checkpoint: bool,
-          report_path: Path | None) -> None:
+          report_path: Path | None, threads: int | None) -> None:
     """Segment CT scans with a bundle (or a plain nnU-Net model), nnU-Net compatible.
 
     Preprocessing, sliding window, mirroring, fold ensembling and export are nnU-Net's own; only the
@@ -207,7 +212,7 @@ def infer(ctx: click.Context, input_path: Path, output_dir: Path, bundle_path: P
         input_path, output_dir, bundle_path=bundle_path, model_dir=model_dir, backend=backend,
         precision=precision, folds=_split_folds(folds), step_size=step_size, use_mirroring=not disable_tta,
         batch_size=batch_size, device=device, save_probabilities=save_probabilities, overwrite=overwrite,
-        progress=ctx.obj["verbosity"] >= 0, trust_checkpoint=trust_checkpoint,
+        progress=ctx.obj["verbosity"] >= 0, trust_checkpoint=trust_checkpoint, threads=threads,
     )
     click.echo(report.summary())
     if report_path is not None:

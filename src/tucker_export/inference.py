@@ -90,6 +90,7 @@ class FoldEngines:
     fold_models: dict[Fold, FoldModel]
     backend: str
     reason: str
+    precision: str = "fp32"
 
 
 def torch_fold_model(network: torch.nn.Module, device: torch.device) -> FoldModel:
@@ -112,8 +113,13 @@ def open_fold_engines(
     folds: list[Fold] | None,
     device: str,
     trust_checkpoint: bool = False,
+    tile_source: str | Path | None = None,
+    threads: int | None = None,
 ) -> Iterator[FoldEngines]:
-    """Open one engine per fold for a bundle or an nnU-Net model folder; closes them on exit."""
+    """Open one engine per fold for a bundle or an nnU-Net model folder; closes them on exit.
+
+    ``tile_source`` (the scans about to be segmented) gates an OpenVINO model compiled on first use.
+    """
     if (bundle_path is None) == (model_dir is None):
         raise ConfigurationError("Give exactly one of a bundle (-b) or an nnU-Net model folder (-m).")
     torch_device = parse_device(device)
@@ -130,9 +136,10 @@ def open_fold_engines(
             )
             return
         from tucker_export.bundle import Bundle
+        from tucker_export.engines.selection import onnx_precision
 
         if model_dir is not None:
-            bundle = undecomposed_bundle(model_dir, precision=precision if backend != "torch" else None,
+            bundle = undecomposed_bundle(model_dir, precision=onnx_precision(backend, precision) if backend != "torch" else None,
                                          trust_checkpoint=trust_checkpoint)
         else:
             bundle = Bundle.load(bundle_path)
@@ -140,10 +147,12 @@ def open_fold_engines(
         from tucker_export.engines.selection import open_runners
 
         runners, backend_name, reason = open_runners(
-            stack, bundle, backend=backend, precision=precision, folds=selected_folds, device=torch_device
+            stack, bundle, backend=backend, precision=precision, folds=selected_folds, device=torch_device,
+            tile_source=tile_source, threads=threads,
         )
         fold_models = {fold: runner_fold_model(runner, torch_device) for fold, runner in runners.items()}
-        yield FoldEngines(bundle.spec, fold_models, backend_name, reason)
+        resolved = next(iter(runners.values())).precision if runners else precision
+        yield FoldEngines(bundle.spec, fold_models, backend_name, reason, resolved)
 
 
 def runner_fold_model(runner, device: torch.device) -> FoldModel:
@@ -210,7 +219,7 @@ def run_inference(
     bundle_path: str | Path | None = None,
     model_dir: str | Path | None = None,
     backend: str = "auto",
-    precision: str = "fp32",
+    precision: str = "auto",
     folds: list[Fold] | None = None,
     step_size: float = 0.5,
     use_mirroring: bool = True,
@@ -220,14 +229,20 @@ def run_inference(
     overwrite: bool = False,
     progress: bool = True,
     trust_checkpoint: bool = False,
+    threads: int | None = None,
 ) -> InferenceReport:
-    """Segment every case under ``input_path`` into ``output_dir`` (one file per case, input geometry)."""
+    """Segment every case under ``input_path`` into ``output_dir`` (one file per case, input geometry).
+
+    ``precision="auto"``: on the CPU, OpenVINO at the fastest precision that passed its accuracy
+    gate (compiled and gated on first use, on tiles of these scans); fp32 on other backends.
+    ``threads``: engine threads [default: physical cores of the process's CPU affinity].
+    """
     from tqdm import tqdm
 
     output_dir = Path(output_dir)
     with open_fold_engines(
         bundle_path=bundle_path, model_dir=model_dir, backend=backend, precision=precision,
-        folds=folds, device=device, trust_checkpoint=trust_checkpoint,
+        folds=folds, device=device, trust_checkpoint=trust_checkpoint, tile_source=input_path, threads=threads,
     ) as engines:
         spec = engines.spec
         cases = discover_cases(input_path, num_channels=spec.num_input_channels,
@@ -245,7 +260,7 @@ def run_inference(
                 _run_case(predictor, spec, case, output_dir, overwrite=overwrite, save_probabilities=save_probabilities)
             )
         return InferenceReport(
-            results=results, backend=engines.backend, backend_reason=engines.reason, precision=precision,
+            results=results, backend=engines.backend, backend_reason=engines.reason, precision=engines.precision,
             folds=tuple(engines.fold_models), batch_size=batch_size,
         )
 

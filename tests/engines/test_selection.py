@@ -69,7 +69,8 @@ def test_explicit_choices_raise_their_problem():
 
 def test_backend_names():
     assert normalize_backend("ONNXRuntime") == "ort" and normalize_backend("pytorch") == "torch"
-    with pytest.raises(ConfigurationError, match="Backend 'tvm' is not one of auto, trt, ort, torch"):
+    assert normalize_backend("OV") == "openvino"
+    with pytest.raises(ConfigurationError, match="Backend .tvm. is not one of auto, trt, ort, openvino, torch"):
         normalize_backend("tvm")
 
 

@@ -376,3 +376,58 @@ class TensorRTRunner(Runner):
         import torch
 
         return self._infer_torch(torch.from_numpy(batch)).cpu().numpy()
+
+
+# ---- OpenVINO (CPU) -----------------------------------------------------------------------------
+
+
+class OpenVinoRunner(Runner):
+    """OpenVINO on the CPU: a compiled model from the bundle's cache, or compiled from an ONNX file.
+
+    ``source`` is a ``.blob`` written by ``CompiledModel.export_model`` (the caller has checked its
+    key against this CPU and OpenVINO), an ONNX file (compiled when the runner opens; fp32/bf16), or
+    an already compiled model. Threads default to the physical cores of the process's CPU affinity.
+    """
+
+    name = "openvino"
+
+    def __init__(self, source: str | Path | Any, *, precision: str = "fp32", threads: int | None = None) -> None:
+        super().__init__(precision=precision, device="cpu")
+        self.source = source
+        self.threads = threads or physical_cores()
+        self.session: Any = None
+
+    def open(self) -> None:
+        from tucker_export.engines import openvino_backend as ovb
+
+        source = self.source
+        if isinstance(source, (str, Path)):
+            path = Path(source)
+            if not path.is_file():
+                raise EngineError(f"{path} does not exist; run `tucker-export build --backend openvino` or `export` first.")
+            if path.suffix == ".onnx":
+                if self.precision == "int8":
+                    raise EngineError("int8 needs a calibrated model; build it with `tucker-export build --backend openvino --precision int8`.")
+                compiled = ovb.compile_model(str(path), self.precision, self.threads, export=False).compiled
+            else:
+                compiled = ovb.import_compiled(path.read_bytes(), self.precision, self.threads)
+        else:
+            compiled = source
+        self.session = ovb.OpenVinoSession(compiled)
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+        self.session = None
+
+    def _infer_numpy(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.infer(batch)
+
+    def _infer_torch(self, batch: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        out = self.session.infer(np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32))
+        return torch.from_numpy(out).to(batch.device)
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.precision}, cpu, {self.threads} threads)"

@@ -4,6 +4,9 @@
 
 1. a TensorRT engine, when the device is a CUDA GPU, tensorrt imports, and the bundle has an
    engine for every fold whose key matches this GPU, this TensorRT and the current ONNX export;
+1b. on the CPU with ``--precision auto`` (or bf16/int8): OpenVINO, at the fastest precision whose
+   compiled model passed its accuracy gate for this CPU kind (``tucker-export build --backend
+   openvino``), else compiled and gated on first use at bf16 (where the CPU has it) or fp32;
 2. ONNX Runtime on the best provider for the device (CUDA provider on a GPU when onnxruntime-gpu
    is installed, the CPU provider on the CPU), when the bundle has the ONNX exports;
 3. PyTorch (eager; fp16 autocast on CUDA), which always works from the bundle's weights.
@@ -19,6 +22,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tucker_export.engines.keys import ONNX_SECTION, GpuInfo, cuda_devices, export_command, find_engine_record
@@ -33,8 +37,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "trt", "ort", "torch")
-_ALIASES = {"tensorrt": "trt", "onnxruntime": "ort", "onnx": "ort", "pytorch": "torch"}
+BACKENDS = ("auto", "trt", "ort", "openvino", "torch")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
+_ALIASES = {"tensorrt": "trt", "onnxruntime": "ort", "onnx": "ort", "pytorch": "torch", "ov": "openvino"}
 
 
 def normalize_backend(choice: str) -> str:
@@ -42,6 +47,28 @@ def normalize_backend(choice: str) -> str:
     if name not in BACKENDS:
         raise ConfigurationError(f"Backend {choice!r} is not one of {', '.join(BACKENDS)}.")
     return name
+
+
+def check_backend_precision(backend: str, precision: str) -> None:
+    """bf16 and int8 are OpenVINO's; fp16 is TensorRT's, ORT's and CUDA autocast's."""
+    if precision not in PRECISIONS:
+        raise ConfigurationError(f"Precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
+    if precision in ("bf16", "int8") and backend not in ("auto", "openvino"):
+        raise ConfigurationError(f"--precision {precision} runs on --backend openvino (the CPU), not {backend}.")
+    if precision == "fp16" and backend == "openvino":
+        raise ConfigurationError("OpenVINO on the CPU runs fp32, bf16 or int8, not fp16; use --precision bf16.")
+
+
+def uses_openvino(backend: str, precision: str, device_type: str) -> bool:
+    """Whether ``auto``/``openvino`` should look at OpenVINO: the CPU, and a precision it runs."""
+    if device_type != "cpu":
+        return False
+    return backend == "openvino" or (backend == "auto" and precision in ("auto", "bf16", "int8"))
+
+
+def onnx_precision(backend: str, precision: str) -> str:
+    """The ONNX export a backend and precision run from (OpenVINO lowers precision from fp32 itself)."""
+    return "fp32" if precision in ("auto", "bf16", "int8") else precision
 
 
 # ---- what this machine has ----------------------------------------------------------------------
@@ -134,9 +161,22 @@ def decide_backend(
     trt_problem: TuckerExportError | None,
     onnx_problem: TuckerExportError | None,
     ort_providers: Sequence[str],
+    openvino_problem: TuckerExportError | None = None,
+    openvino_note: str = "",
 ) -> BackendDecision:
-    """Pure decision over what was found; an explicit choice that cannot run raises its problem."""
+    """Pure decision over what was found; an explicit choice that cannot run raises its problem.
+
+    ``openvino_problem`` is only consulted when ``uses_openvino(choice, precision, device_type)``:
+    None there means OpenVINO has a gated model (or just built one) for every fold.
+    """
     choice = normalize_backend(choice)
+    check_backend_precision(choice, precision)
+    if choice == "openvino":
+        if device_type != "cpu":
+            raise BackendUnavailableError(f"OpenVINO runs on the CPU here, and the device is {device_type}; use --device cpu.")
+        if openvino_problem is not None:
+            raise openvino_problem
+        return BackendDecision("openvino", f"requested{f' ({openvino_note})' if openvino_note else ''}")
     if choice == "trt":
         if trt_problem is not None:
             raise trt_problem
@@ -155,13 +195,20 @@ def decide_backend(
 
     # auto
     skipped: list[str] = []
+    if uses_openvino(choice, precision, device_type):
+        if openvino_problem is None:
+            return BackendDecision("openvino", f"OpenVINO CPU{f' ({openvino_note})' if openvino_note else ''}")
+        if precision in ("bf16", "int8"):
+            raise openvino_problem
+        skipped.append(f"no OpenVINO: {_first_sentence(openvino_problem)}")
     if device_type == "cuda":
         if trt_problem is None:
             return BackendDecision("trt", "a TensorRT engine matches this GPU, TensorRT version and ONNX export")
         skipped.append(f"no TensorRT: {_first_sentence(trt_problem)}")
     if onnx_problem is None:
         if device_type == "cpu":
-            return BackendDecision("ort", "; ".join([*skipped, "ONNX Runtime CPU provider"]))
+            fp = " (fp32)" if precision == "auto" else ""
+            return BackendDecision("ort", "; ".join([*skipped, f"ONNX Runtime CPU provider{fp}"]))
         if ORT_CUDA in ort_providers:
             return BackendDecision("ort", "; ".join([*skipped, "ONNX Runtime CUDA provider"]))
         skipped.append("no ONNX Runtime CUDA provider (CPU-only onnxruntime wheel)")
@@ -224,14 +271,20 @@ class RunnerFactory:
     precision: str
     device: torch.device
     reason: str
+    threads: int | None = None
+    cpu_models: Any = None  # cpu_build.CpuModels for OpenVINO
 
     def __call__(self, fold: Fold) -> Runner:
         if self.backend == "trt":
             return self._tensorrt(fold)
+        if self.backend == "openvino":
+            from tucker_export.engines.runners import OpenVinoRunner
+
+            return OpenVinoRunner(self.cpu_models.models[fold], precision=self.precision, threads=self.threads)
         if self.backend == "ort":
             entry = self.bundle.manifest[ONNX_SECTION][f"fold_{fold}.{self.precision}"]
             path = self.bundle.verify_file(entry["file"], entry["sha256"])
-            return OnnxRuntimeRunner(path, precision=self.precision, device=self.device)
+            return OnnxRuntimeRunner(path, precision=self.precision, device=self.device, intra_op_threads=self.threads)
         bundle = self.bundle
         return TorchRunner(lambda: bundle.build_network(fold), precision=self.precision, device=self.device)
 
@@ -257,25 +310,49 @@ def select_backend(
     precision: str,
     device: str | torch.device,
     folds: Sequence[Fold] | None = None,
+    *,
+    tile_source: str | Path | None = None,
+    threads: int | None = None,
 ) -> tuple[RunnerFactory, str]:
-    """The runner factory for ``choice`` (``auto``, ``trt``, ``ort``, ``torch``) and the reason; logs both."""
+    """The runner factory for ``choice`` (``auto``, ``trt``, ``ort``, ``openvino``, ``torch``) and the reason; logs both.
+
+    ``precision`` may be ``auto``: OpenVINO's fastest gated precision on the CPU, fp32 elsewhere.
+    OpenVINO models missing for this CPU are compiled and gated here (on tiles of ``tile_source``,
+    the scans about to be segmented, when given).
+    """
     import onnxruntime as ort
     import torch
 
     device = torch.device(device)
     folds = bundle.resolve_folds(list(folds) if folds else None)
     choice = normalize_backend(choice)
+    check_backend_precision(choice, precision)
+    cpu_models = None
+    openvino_problem: TuckerExportError | None = None
+    if uses_openvino(choice, precision, device.type):
+        from tucker_export.engines.cpu_build import resolve_cpu_models
+
+        try:
+            cpu_models = resolve_cpu_models(bundle, precision, folds, tile_source=tile_source, threads=threads)
+        except TuckerExportError as error:
+            openvino_problem = error
+    plain_precision = "fp32" if precision == "auto" else precision
     needs_trt = choice == "trt" or (choice == "auto" and device.type == "cuda")
     decision = decide_backend(
         choice,
         device_type=device.type,
         precision=precision,
-        trt_problem=engine_problem(bundle, precision, folds, device) if needs_trt else None,
-        onnx_problem=onnx_problem(bundle, precision, folds) if choice in ("auto", "ort") else None,
+        trt_problem=engine_problem(bundle, plain_precision, folds, device) if needs_trt else None,
+        onnx_problem=onnx_problem(bundle, plain_precision, folds) if choice in ("auto", "ort") else None,
         ort_providers=ort.get_available_providers(),
+        openvino_problem=openvino_problem,
+        openvino_note=cpu_models.note if cpu_models is not None else "",
     )
-    logger.info("Backend %s on %s (%s): %s", decision.backend, device, precision, decision.reason)
-    return RunnerFactory(bundle, decision.backend, precision, device, decision.reason), decision.reason
+    resolved = cpu_models.precision if decision.backend == "openvino" else plain_precision
+    logger.info("Backend %s on %s (%s): %s", decision.backend, device, resolved, decision.reason)
+    factory = RunnerFactory(bundle, decision.backend, resolved, device, decision.reason, threads=threads,
+                            cpu_models=cpu_models)
+    return factory, decision.reason
 
 
 def open_runners(
@@ -286,8 +363,13 @@ def open_runners(
     precision: str,
     folds: Sequence[Fold],
     device: str | torch.device,
+    tile_source: str | Path | None = None,
+    threads: int | None = None,
 ) -> tuple[dict[Fold, Runner], str, str]:
-    """Open one runner per fold on ``stack`` (closed when it unwinds); returns (runners, backend, reason)."""
-    factory, reason = select_backend(backend, bundle, precision, device, folds)
+    """Open one runner per fold on ``stack`` (closed when it unwinds); returns (runners, backend, reason).
+
+    The precision actually run is ``runner.precision`` (``auto`` resolves in ``select_backend``).
+    """
+    factory, reason = select_backend(backend, bundle, precision, device, folds, tile_source=tile_source, threads=threads)
     runners = {fold: stack.enter_context(factory(fold)) for fold in bundle.resolve_folds(list(folds))}
     return runners, factory.backend, reason
