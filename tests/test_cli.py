@@ -72,3 +72,28 @@ def test_verbosity_options_work_after_the_subcommand_too() -> None:
     for command in ("decompose", "export", "build", "infer", "validate", "bench", "demo", "inspect"):
         help_text = CliRunner().invoke(cli, [command, "--help"]).output
         assert "-q, --quiet" in help_text and "-v, --verbose" in help_text, command
+
+
+def test_cpu_precisions_for_doctor() -> None:
+    from tucker_export.doctor import cpu_precisions
+
+    amx = cpu_precisions(["avx512", "vnni", "bf16", "amx"], ["FP32", "BF16", "INT8"], None)
+    assert amx == {"fp32": "yes (AVX-512)", "bf16": "yes (AMX)",
+                   "int8": "yes (AMX; calibrate with build --calibration-dir)"}
+    old = cpu_precisions([], ["FP32", "INT8"], None)
+    assert old["bf16"].startswith("no: ") and old["int8"].startswith("yes (no VNNI")
+    missing = cpu_precisions([], [], "OpenVINO is not installed")
+    assert all(v == "no: OpenVINO is not installed" for v in missing.values())
+
+
+def test_doctor_reports_the_cpu_and_openvino() -> None:
+    result = CliRunner().invoke(cli, ["doctor"])
+    assert result.exit_code == 0, result.output
+    assert "cpu precisions (openvino)" in result.output and "openvino (cpu)" in result.output
+
+
+def test_bf16_on_onnxruntime_is_one_sentence(tmp_path) -> None:
+    result = CliRunner().invoke(cli, ["infer", "-i", str(tmp_path), "-o", str(tmp_path / "o"), "-b", str(tmp_path),
+                                      "--backend", "ort", "--precision", "bf16"])
+    assert result.exit_code == 1
+    assert "--precision bf16 runs on --backend openvino (the CPU), not ort." in result.output

@@ -245,3 +245,19 @@ def test_demo_ort_matches_stock_nnunetv2_predict(demo_model, tmp_path: Path, mon
         for label, m in metrics.items():
             if m.status != "absent":
                 assert m.dice >= 0.99, (stock_path.name, label, m)
+
+
+def test_auto_batch_size_feeds_engines_the_mirror_variants() -> None:
+    from tucker_export.errors import ConfigurationError
+    from tucker_export.inference import auto_batch_size, parse_batch_size
+
+    assert auto_batch_size("torch", mirror_variants=8, patch_size=(32, 48, 48)) == 1  # nnU-Net's numbers
+    assert auto_batch_size("openvino", mirror_variants=8, patch_size=(32, 48, 48)) == 8
+    assert auto_batch_size("ort", mirror_variants=1, patch_size=(32, 48, 48)) == 1  # TTA off
+    assert auto_batch_size("openvino", mirror_variants=8, patch_size=(128, 128, 128)) == 1  # memory cap
+    assert auto_batch_size("trt", mirror_variants=8, patch_size=(96, 96, 96)) == 2
+    assert parse_batch_size("4") == 4
+    with pytest.raises(ConfigurationError, match="'big' is not 'auto' or a whole number"):
+        parse_batch_size("big")
+    with pytest.raises(ConfigurationError, match="at least 1"):
+        parse_batch_size(0)

@@ -186,8 +186,9 @@ def inspect(model_dir: Path, folds: tuple[str, ...], checkpoint_name: str, trust
 @click.option("--step-size", type=float, default=0.5, show_default=True,
               help="Sliding-window step as a fraction of the patch size (nnU-Net's default 0.5).")
 @click.option("--disable-tta", is_flag=True, help="No mirroring test-time augmentation (about 8x faster in 3D).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Tiles and mirror variants per engine call.")
+@click.option("--batch-size", default="auto", show_default=True,
+              help="Tiles and mirror variants per engine call; auto: 1 for PyTorch (nnU-Net's numbers call for "
+                   "call), else the mirror variants of a tile in one call (up to 2M patch voxels per call).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--save-probabilities", is_flag=True, help="Also write nnU-Net's .npz probabilities and .pkl properties.")
 @click.option("--overwrite", is_flag=True, help="Redo cases whose segmentation already exists (default: skip them).")
@@ -197,7 +198,7 @@ def inspect(model_dir: Path, folds: tuple[str, ...], checkpoint_name: str, trust
 @click.pass_context
 def infer(ctx: click.Context, input_path: Path, output_dir: Path, bundle_path: Path | None, model_dir: Path | None,
           backend: str, precision: str, folds: tuple[str, ...], step_size: float, disable_tta: bool,
-          batch_size: int, device: str, save_probabilities: bool, overwrite: bool, trust_checkpoint: bool,
+          batch_size: str, device: str, save_probabilities: bool, overwrite: bool, trust_checkpoint: bool,
           report_path: Path | None, threads: int | None) -> None:
     """Segment CT scans with a bundle (or a plain nnU-Net model), nnU-Net compatible.
 
@@ -229,8 +230,10 @@ def infer(ctx: click.Context, input_path: Path, output_dir: Path, bundle_path: P
               help="Images to validate on (same forms as `infer -i`).")
 @click.option("--labels", "labels_dir", type=click.Path(path_type=Path), default=None,
               help="Ground-truth label maps named <case>.nii.gz; adds Dice against the truth.")
-@click.option("--backend", type=click.Choice(["auto", "trt", "ort", "torch"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "trt", "ort", "openvino", "torch"]), default="auto", show_default=True,
+              help="As `infer --backend`.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16", "int8"]), default="fp32",
+              show_default=True, help="As `infer --precision` (auto: the precision `infer` would pick).")
 @click.option("--against", type=click.Choice(["original", "decomposed"]), default="original", show_default=True,
               help="PyTorch reference: the original model (compression + engine error) or the decomposed "
                    "network (the engine's own error).")

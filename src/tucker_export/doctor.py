@@ -29,6 +29,17 @@ class Backend:
 
 
 @dataclass
+class CpuReport:
+    """The CPU as the CPU engines see it: model, the ISA features that matter, OpenVINO's precisions."""
+
+    model_name: str
+    kind: str
+    features: list[str]
+    openvino_capabilities: list[str]
+    precisions: dict[str, str]  # fp32/bf16/int8 -> "yes (...)" or "no: why"
+
+
+@dataclass
 class Diagnostics:
     python: str
     platform: str
@@ -36,6 +47,7 @@ class Diagnostics:
     onnxruntime_providers: list[str]
     cuda_devices: list[CudaDevice]
     backends: list[Backend] = field(default_factory=list)
+    cpu: CpuReport | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,6 +102,30 @@ def onnxruntime_providers() -> list[str]:
     return list(onnxruntime.get_available_providers())
 
 
+def openvino_capabilities() -> tuple[list[str], str | None]:
+    """OpenVINO's CPU capabilities, or why there are none."""
+    try:
+        from tucker_export.engines.openvino_backend import cpu_capabilities
+
+        return cpu_capabilities(), None
+    except Exception as error:  # BackendUnavailableError, or a broken install
+        return [], str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def cpu_precisions(features: list[str], capabilities: list[str], problem: str | None) -> dict[str, str]:
+    """Which OpenVINO CPU precisions work here, and on which units (plain logic, tested with fake CPUs)."""
+    if problem is not None:
+        return {p: f"no: {problem}" for p in ("fp32", "bf16", "int8")}
+    bf16_units = "AMX" if "amx" in features else "AVX512-BF16" if "bf16" in features else "emulated"
+    int8_units = "AMX" if "amx" in features else "VNNI" if "vnni" in features else "no VNNI"
+    return {
+        "fp32": "yes" + (" (AVX-512)" if "avx512" in features else ""),
+        "bf16": f"yes ({bf16_units})" if "BF16" in capabilities else "no: OpenVINO reports no BF16 on this CPU",
+        "int8": f"yes ({int8_units}; calibrate with build --calibration-dir)" if "INT8" in capabilities
+        else "no: OpenVINO reports no INT8 on this CPU",
+    }
+
+
 def backend_availability(
     packages: dict[str, str], providers: list[str], devices: list[CudaDevice]
 ) -> list[Backend]:
@@ -126,6 +162,12 @@ def backend_availability(
     else:
         trt_why = f"tensorrt {packages['tensorrt']} with {len(devices)} CUDA device(s)"
     backends.append(Backend("trt", trt_ok and has_cuda, trt_why))
+    ov_version = packages.get("openvino", "not installed")
+    ov_ok = not ov_version.startswith(("not installed", "broken"))
+    backends.append(Backend(
+        "openvino (cpu)", ov_ok,
+        f"openvino {ov_version} (CPU plugin)" if ov_ok else f"openvino is {ov_version}: `pip install openvino`",
+    ))
     return backends
 
 
@@ -137,9 +179,14 @@ def collect_diagnostics() -> Diagnostics:
         "onnx": _package_version("onnx"),
         "onnxruntime": _package_version("onnxruntime"),
         "tensorrt": _package_version("tensorrt"),
+        "openvino": _package_version("openvino"),
     }
     providers = onnxruntime_providers()
     devices = cuda_devices()
+    from tucker_export.engines.cpu_keys import detect_cpu
+
+    cpu = detect_cpu()
+    capabilities, problem = openvino_capabilities()
     return Diagnostics(
         python=sys.version.split()[0],
         platform=platform.platform(),
@@ -147,6 +194,8 @@ def collect_diagnostics() -> Diagnostics:
         onnxruntime_providers=providers,
         cuda_devices=devices,
         backends=backend_availability(packages, providers, devices),
+        cpu=CpuReport(cpu.model_name, cpu.kind, list(cpu.features), capabilities,
+                      cpu_precisions(list(cpu.features), capabilities, problem)),
     )
 
 
@@ -163,6 +212,10 @@ def format_diagnostics(diagnostics: Diagnostics) -> str:
             )
     else:
         lines.append("cuda devices  none")
+    if diagnostics.cpu is not None:
+        cpu = diagnostics.cpu
+        lines.append(f"cpu           {cpu.model_name} ({', '.join(cpu.features) or 'no AVX-512/VNNI/AMX'}); kind {cpu.kind}")
+        lines.append("cpu precisions (openvino) " + "; ".join(f"{k} {v}" for k, v in cpu.precisions.items()))
     lines.append("")
     lines.append("backends")
     for backend in diagnostics.backends:

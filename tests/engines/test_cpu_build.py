@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,6 +11,7 @@ from click.testing import CliRunner
 
 from tucker_export.bundle import Bundle
 from tucker_export.engines.cpu_build import (
+    GATE_BARS,
     build_cpu_engines,
     class_dice_of_argmax,
     crop_positions,
@@ -49,21 +51,24 @@ def _logits(labels: np.ndarray, classes: int = 3) -> np.ndarray:
     return np.eye(classes, dtype=np.float32)[labels].transpose(0, 4, 1, 2, 3)
 
 
-def test_gate_bars_per_precision():
+def test_gate_bars_per_precision(monkeypatch):
     ref_labels = np.zeros((2, 4, 4, 4), int)
     ref_labels[:, :2] = 1
     ref_labels[:, 3, :1] = 2
+    monkeypatch.setitem(GATE_BARS, "bf16", dataclasses.replace(GATE_BARS["bf16"], min_class_voxels=1))
     reference = _logits(ref_labels)
     assert judge_gate(reference, reference + 1e-4, "fp32", label="f0")["passed"]
     failed = judge_gate(reference, reference + 0.01, "fp32", label="f0")
-    assert not failed["passed"] and failed["failures"] == ["f0: max abs logit diff 0.01 > 0.001"]
+    assert not failed["passed"] and failed["failures"] == ["f0: max abs logit diff 0.01 > 0.001 x logit scale 1"]
+    assert judge_gate(50 * reference, 50 * reference + 0.01, "fp32", label="f0")["passed"]  # relative to the logits
     moved = ref_labels.copy()
     moved[0, 3, 0, :2] = 0  # two voxels of class 2 lost: argmax 98.4 %, class 2 Dice 12/14
     verdict = judge_gate(reference, _logits(moved), "bf16", label="f0 bf16")
     assert not verdict["passed"]
     assert verdict["failures"][0] == "f0 bf16: argmax agreement 98.44% < 99.5%"
-    assert verdict["failures"][1] == "f0 bf16: Dice vs PyTorch below 0.99 (class 2 0.857)"
+    assert verdict["failures"][1] == "f0 bf16: tile Dice vs PyTorch below 0.98 (class 2 0.857)"
     assert class_dice_of_argmax(reference, reference) == {1: 1.0, 2: 1.0}
+    assert class_dice_of_argmax(reference, reference, min_voxels=9) == {1: 1.0}  # 8 voxels of class 2: too few
 
 
 CPU = CpuInfo("Test CPU", 6, 143, frozenset({"avx512f", "amx_bf16"}))

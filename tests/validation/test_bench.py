@@ -257,7 +257,7 @@ def test_cli_sweep_writes_json_and_png(setup, tmp_path: Path) -> None:
     (["{bundle}", "--case-repeats", "2", "--sequential"], "--sequential and --case-repeats only apply to a sweep"),
     (["{bundle}", "--batch-sizes", "0"], ">= 1"),
     (["{bundle}", "--backend", "auto"], "not auto"),
-    (["{bundle}", "--precision", "int8"], "int8"),
+    (["{bundle}", "--precision", "int4"], "int4"),
 ])
 def test_cli_refuses_bad_combinations_in_one_sentence(setup, tmp_path: Path, args, message) -> None:
     values = {"bundle": setup["bundle"], "model": setup["model"], "images": setup["images"], "tmp": tmp_path / "out"}

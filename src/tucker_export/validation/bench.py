@@ -72,7 +72,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-BENCH_BACKENDS: tuple[str, ...] = ("torch", "ort", "trt")
+BENCH_BACKENDS: tuple[str, ...] = ("torch", "ort", "openvino", "trt")
 DEFAULT_SEED = 0
 SWEEP_FACTORS: tuple[float, ...] = (0.9, 0.7, 0.5, 0.3, 0.2, 0.1)
 BASELINE_LABEL = "original"
@@ -158,7 +158,8 @@ def environment() -> dict[str, Any]:
     from tucker_export.engines.runners import physical_cores
 
     versions: dict[str, str | None] = {}
-    for package in ("tucker-export", "torch", "onnxruntime", "onnxruntime-gpu", "tensorrt", "nnunetv2", "numpy"):
+    for package in ("tucker-export", "torch", "onnxruntime", "onnxruntime-gpu", "tensorrt", "openvino", "nncf",
+                    "nnunetv2", "numpy"):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
@@ -173,10 +174,13 @@ def environment() -> dict[str, Any]:
             props = torch.cuda.get_device_properties(index)
             gpus.append({"index": index, "name": props.name, "memory_bytes": int(props.total_memory),
                          "compute_capability": [props.major, props.minor]})
+    from tucker_export.engines.cpu_keys import detect_cpu
+
     return {
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu": cpu_model or platform.processor() or None,
+        "cpu_kind": detect_cpu().to_dict(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "physical_cores": physical_cores(),
@@ -186,6 +190,19 @@ def environment() -> dict[str, Any]:
         "versions": versions,
         "cuda_devices": gpus,
     }
+
+
+def quiet_verdict(load_start: float | None, load_end: float | None, cores: int | None = None) -> dict[str, Any]:
+    """A run is labelled quiet only when the 1-minute load stayed at or below one per core at start and end.
+
+    On shared machines load distorts even ratios (PyTorch suffers more than ONNX Runtime), so a
+    figure from a loaded run must say so.
+    """
+    cores = cores or os.cpu_count() or 1
+    loads = [x for x in (load_start, load_end) if x is not None]
+    quiet = bool(loads) and max(loads) <= cores
+    return {"loadavg_1min_start": load_start, "loadavg_1min_end": load_end, "cores": cores, "quiet": quiet,
+            "rule": "quiet when the 1-minute load average is <= 1 per core at start and at end"}
 
 
 # ---- latency ------------------------------------------------------------------------------------
@@ -614,8 +631,30 @@ def latency_folds(bundle: Bundle, folds: Sequence[Fold]) -> dict[Fold, list[Fold
     return {members[0]: members for members in groups.values()}
 
 
+def _bench_precisions(precisions: Sequence[str]) -> tuple[str, ...]:
+    """fp32, fp16 (ONNX Runtime, TensorRT, PyTorch on CUDA), bf16, int8 (OpenVINO); order kept, duplicates dropped."""
+    allowed = ("fp32", "fp16", "bf16", "int8")
+    chosen: list[str] = []
+    for value in precisions:
+        for part in str(value).replace(",", " ").split():
+            name = part.strip().lower()
+            if name not in allowed:
+                raise ConfigurationError(f"Precision {part!r} is not one of {', '.join(allowed)}.")
+            if name not in chosen:
+                chosen.append(name)
+    if not chosen:
+        raise ConfigurationError("At least one precision is needed (fp32, fp16, bf16 or int8).")
+    return tuple(chosen)
+
+
 def _skip_reason(backend: str, precision: str, device: torch.device) -> str | None:
     """Why a backend/precision pair is not measured, for cases the runner would silently change."""
+    from tucker_export.engines.selection import check_backend_precision
+
+    try:
+        check_backend_precision(backend, precision)
+    except ConfigurationError as error:
+        return str(error)
     if backend == "torch" and precision == "fp16" and device.type != "cuda":
         # TorchRunner quietly runs fp32 here (nnU-Net autocasts on CUDA only); timing it as fp16 would mislead.
         return "PyTorch fp16 is autocast on CUDA only; on the CPU it would run fp32 (measured as torch fp32)"
@@ -710,7 +749,6 @@ def bench_bundle(
 
     from tucker_export.bundle import Bundle, utc_now
     from tucker_export.engines.selection import normalize_backend, select_backend
-    from tucker_export.exporter.onnx_export import normalize_precisions
     from tucker_export.inference import parse_device
 
     _check_counts(warmup, repeats)
@@ -719,12 +757,12 @@ def bench_bundle(
     for name in backends:
         backend = normalize_backend(name)
         if backend == "auto":
-            raise ConfigurationError("bench measures named backends; choose from torch, ort, trt (not auto).")
+            raise ConfigurationError("bench measures named backends; choose from torch, ort, openvino, trt (not auto).")
         if backend not in chosen_backends:
             chosen_backends.append(backend)
     if not chosen_backends:
-        raise ConfigurationError("At least one backend is needed (torch, ort or trt).")
-    chosen_precisions = normalize_precisions(list(precisions))
+        raise ConfigurationError("At least one backend is needed (torch, ort, openvino or trt).")
+    chosen_precisions = _bench_precisions(precisions)
     torch_device = parse_device(device)
     if input_dir is not None and not Path(input_dir).exists():
         raise InputImageError(f"Input {input_dir} does not exist.")
@@ -739,7 +777,8 @@ def bench_bundle(
         skip = _skip_reason(backend, precision, torch_device)
         if skip is None:
             try:
-                factory, reason = select_backend(backend, bundle, precision, torch_device, selected)
+                factory, reason = select_backend(backend, bundle, precision, torch_device, selected,
+                                                 tile_source=input_dir)
             except TuckerExportError as error:
                 skip = str(error)
         if skip is not None:

@@ -2,7 +2,7 @@
 
 Two forms, told apart by ``--sweep-rank-factor`` (or ``--demo``)::
 
-    tucker-export bench BUNDLE [--backend torch,ort] [--precision fp32,fp16] [--batch-sizes 1,2,4]
+    tucker-export bench BUNDLE [--backend torch,ort,openvino] [--precision fp32,bf16] [--batch-sizes 1,2,4]
                                [-i IMAGES] [--json FILE]
     tucker-export bench --sweep-rank-factor 0.9,0.7,0.5 -m MODEL_DIR -i IMAGES [--labels DIR] --out-dir DIR
     tucker-export bench --demo --out-dir DIR          (the demo model and its held-out cases)
@@ -43,10 +43,11 @@ def _refuse(given: dict[str, object], form: str) -> None:
 @click.command("bench")
 @click.argument("bundle", required=False, type=click.Path(path_type=Path))
 @click.option("--backend", "backends", multiple=True,
-              help="torch, ort, trt (repeat or comma-separate) [default: torch and ort for a bundle; ort for a sweep]. "
+              help="torch, ort, openvino, trt (repeat or comma-separate) [default: torch and ort for a bundle; ort for a sweep]. "
                    "A backend that cannot run here is skipped and the reason reported.")
 @click.option("-p", "--precision", "precisions", multiple=True,
-              help="fp32, fp16 (repeat or comma-separate; one for a sweep) [default: fp32].")
+              help="fp32, fp16, bf16, int8 (repeat or comma-separate; one for a sweep) [default: fp32]. bf16/int8 are "
+                   "OpenVINO's; pairs a backend cannot run are skipped with the reason.")
 @click.option("--batch-sizes", default=None,
               help="Batch sizes of the model-only latency, e.g. 1,2,4 [default: 1,2,4 for a bundle; 1 for a sweep].")
 @click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True,

@@ -191,8 +191,10 @@ def validate_bundle(
     case_reports: dict[str, dict[str, Any]] = {}
     with contextlib.ExitStack() as stack:
         runners, backend_name, reason = open_runners(
-            stack, bundle, backend=backend, precision=precision, folds=selected, device=torch_device
+            stack, bundle, backend=backend, precision=precision, folds=selected, device=torch_device,
+            tile_source=input_path,
         )
+        precision = next(iter(runners.values())).precision if runners else precision  # `auto` resolved
         engine_models = {f: runner_fold_model(r, torch_device) for f, r in runners.items()}
         reference_models = {f: _callable(n) for f, n in
                             _open_reference(stack, bundle, against, selected, reference_model, torch_device).items()}
