@@ -20,7 +20,8 @@ alike; the median per row is reported. Threads: ``--threads`` (default: physical
 
 The weights are nnU-Net's He initialisation (random): accuracy means nothing here, only time.
 Accuracy of bf16/int8 is gated on a trained model by ``tucker-export build --backend openvino``.
-The load average at start and end is recorded and a run is labelled quiet only at <= 1 per core.
+The load average at start and end is recorded and a run is labelled quiet only when the load started at <= 1 per core and other processes used <= 10 % of the
+CPU while it ran.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def main() -> int:
     from tucker_export.engines.runners import physical_cores
     from tucker_export.exporter.decompose import decompose_network
     from tucker_export.exporter.ranks import RankPolicy
-    from tucker_export.validation.bench import _loadavg, environment, quiet_verdict
+    from tucker_export.validation.bench import MachineWatch, environment
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--patches", type=int, nargs="+", default=[64, 128], help="cubic patch edges")
@@ -134,7 +135,7 @@ def main() -> int:
     threads = args.threads or physical_cores()
     torch.set_num_threads(threads)
     repeats = (args.repeats + [args.repeats[-1]] * len(args.patches))[: len(args.patches)]
-    load_start = _loadavg()
+    watch = MachineWatch()
 
     original = build_totalsegmentator_network().eval()
     tucker = build_totalsegmentator_network().eval()
@@ -167,14 +168,15 @@ def main() -> int:
             for name, row in table.items():
                 gain = f"{row['tucker_vs_original_same_engine']:.2f}x" if row["tucker_vs_original_same_engine"] else ""
                 print(f"{name:<26}{row['median_s']:>10.3f}{row['speedup_vs_stock_pytorch_fp32']:>9.2f}x{gain:>13}")
-            results["machine_load"] = quiet_verdict(load_start, _loadavg())
+            results["machine_load"] = watch.verdict()
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2) + "\n")
-    verdict = quiet_verdict(load_start, _loadavg())
+    verdict = watch.verdict()
     results["machine_load"] = verdict
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nload average {verdict['loadavg_1min_start']} -> {verdict['loadavg_1min_end']} on {verdict['cores']} "
-          f"cores: {'quiet' if verdict['quiet'] else 'NOT quiet (do not publish)'}; wrote {args.out}")
+    print(f"\nload average {verdict['loadavg_1min_start']} -> {verdict['loadavg_1min_end']} on {verdict['cores']} cores, "
+          f"other processes {verdict['others_fraction_of_machine']} of the CPU: "
+          f"{'quiet' if verdict['quiet'] else 'NOT quiet (do not publish)'}; wrote {args.out}")
     return 0
 
 

@@ -19,7 +19,8 @@ undecomposed bundle, compiles and gates the OpenVINO models (once per CPU kind, 
 run does), and warms the file cache. Timed runs are interleaved round-robin over ``--repeats``
 rounds (order rotated each round); the median per variant is reported. Each segmentation is
 compared with stock's, class by class (Dice). The load average at start and end is recorded and the
-run is labelled quiet only at <= 1 per core.
+run is labelled quiet only when the load started at <= 1 per core and other processes used <= 10 % of the
+CPU while it ran.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def _input_sets(model, work: Path, names: list[str], n_cases: int) -> dict[str, 
 
 
 def main() -> int:
-    from tucker_export.validation.bench import _loadavg, environment, quiet_verdict
+    from tucker_export.validation.bench import MachineWatch, environment
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--inputs", nargs="+", choices=["ct_sm", "ct_full", "demo"], default=None,
@@ -125,7 +126,7 @@ def main() -> int:
 
     from tucker_export.demo import ensure_demo_model
 
-    load_start = _loadavg()
+    watch = MachineWatch()
     model = ensure_demo_model(progress=False)
     work = Path(tempfile.mkdtemp(prefix="bench-infer-"))
     tucker = _prepare_bundle(model, work, args.rank_factor)
@@ -195,7 +196,7 @@ def main() -> int:
                 median["engine"] = f"{backend.get('backend')} {backend.get('precision')}"  # type: ignore[assignment]
             table[name] = {"median": median, "runs": rows}
         results["sets"][set_name] = table  # type: ignore[index]
-        results["machine_load"] = quiet_verdict(load_start, _loadavg())
+        results["machine_load"] = watch.verdict()
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")  # after each set: a stopped run keeps what it measured
 
@@ -211,11 +212,12 @@ def main() -> int:
             dice = f"{m['dice_vs_stock_min']:.3f}" if m.get("dice_vs_stock_min") is not None else "-"
             print(f"{name:<30}{m.get('engine', 'nnU-Net torch'):>15}{m['wall_s']:>8.1f}{m['speedup_vs_stock']:>9.2f}x"
                   f"{dice:>10}{m['peak_rss_mb']:>8.0f}   {split}")
-    verdict = quiet_verdict(load_start, _loadavg())
+    verdict = watch.verdict()
     results["machine_load"] = verdict
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nload average {verdict['loadavg_1min_start']} -> {verdict['loadavg_1min_end']} on {verdict['cores']} "
-          f"cores: {'quiet' if verdict['quiet'] else 'NOT quiet (do not publish)'}; wrote {args.out}")
+    print(f"\nload average {verdict['loadavg_1min_start']} -> {verdict['loadavg_1min_end']} on {verdict['cores']} cores, "
+          f"other processes {verdict['others_fraction_of_machine']} of the CPU: "
+          f"{'quiet' if verdict['quiet'] else 'NOT quiet (do not publish)'}; wrote {args.out}")
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
