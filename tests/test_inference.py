@@ -261,3 +261,11 @@ def test_auto_batch_size_feeds_engines_the_mirror_variants() -> None:
         parse_batch_size("big")
     with pytest.raises(ConfigurationError, match="at least 1"):
         parse_batch_size(0)
+
+
+def test_no_per_tile_bars_in_a_log_file(model_dir: Path, input_dir: Path, tmp_path: Path, capsys) -> None:
+    # pytest's captured stderr is not a terminal, like a log file: one cases bar, no tile bars.
+    run_inference(input_dir, tmp_path / "out", model_dir=model_dir, backend="torch", progress=True,
+                  use_mirroring=False)
+    err = capsys.readouterr().err
+    assert "tiles" not in err and err.count("cases:") <= 3

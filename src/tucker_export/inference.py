@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -291,12 +292,14 @@ def run_inference(
         batch_size = parse_batch_size(batch_size)
         predictor = EnginePredictor(
             tile_step_size=step_size, use_mirroring=use_mirroring, batch_size=batch_size,
-            device=device, allow_tqdm=progress,
+            # Per-tile bars only on a terminal: in a log file each refresh is a line, hundreds per case.
+            device=device, allow_tqdm=progress and sys.stderr.isatty(),
         )
         predictor.initialize(spec, engines.fold_models)
         output_dir.mkdir(parents=True, exist_ok=True)
         results = []
-        for case in tqdm(cases, desc="cases", unit="case", disable=not progress):
+        for case in tqdm(cases, desc="cases", unit="case", disable=not progress,
+                         mininterval=0.1 if sys.stderr.isatty() else 30.0):
             results.append(
                 _run_case(predictor, spec, case, output_dir, overwrite=overwrite, save_probabilities=save_probabilities)
             )
