@@ -123,7 +123,7 @@ def main() -> int:
     from tucker_export.engines.runners import physical_cores
     from tucker_export.exporter.decompose import decompose_network
     from tucker_export.exporter.ranks import RankPolicy
-    from tucker_export.validation.bench import MachineWatch, environment
+    from tucker_export.validation.bench import MachineWatch, describe_verdict, environment
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--patches", type=int, nargs="+", default=[64, 128], help="cubic patch edges")
@@ -174,9 +174,7 @@ def main() -> int:
     verdict = watch.verdict()
     results["machine_load"] = verdict
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nload average {verdict['loadavg_1min_start']} -> {verdict['loadavg_1min_end']} on {verdict['cores']} cores, "
-          f"other processes {verdict['others_fraction_of_machine']} of the CPU: "
-          f"{'quiet' if verdict['quiet'] else 'NOT quiet (do not publish)'}; wrote {args.out}")
+    print(f"\n{describe_verdict(verdict)}; wrote {args.out}")
     return 0
 
 

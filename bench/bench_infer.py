@@ -111,7 +111,7 @@ def _input_sets(model, work: Path, names: list[str], n_cases: int) -> dict[str, 
 
 
 def main() -> int:
-    from tucker_export.validation.bench import MachineWatch, environment
+    from tucker_export.validation.bench import MachineWatch, describe_verdict, environment
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--inputs", nargs="+", choices=["ct_sm", "ct_full", "demo"], default=None,
@@ -215,9 +215,7 @@ def main() -> int:
     verdict = watch.verdict()
     results["machine_load"] = verdict
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nload average {verdict['loadavg_1min_start']} -> {verdict['loadavg_1min_end']} on {verdict['cores']} cores, "
-          f"other processes {verdict['others_fraction_of_machine']} of the CPU: "
-          f"{'quiet' if verdict['quiet'] else 'NOT quiet (do not publish)'}; wrote {args.out}")
+    print(f"\n{describe_verdict(verdict)}; wrote {args.out}")
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

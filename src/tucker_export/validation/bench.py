@@ -235,6 +235,15 @@ class MachineWatch:
 QUIET_OTHERS_FRACTION = 0.10
 
 
+def describe_verdict(verdict: Mapping[str, Any]) -> str:
+    """One line for the end of a benchmark: the load, what others used, and whether the run may be published."""
+    return (
+        f"load average {verdict['loadavg_1min_start']} -> {verdict['loadavg_1min_end']} on {verdict['cores']} cores, "
+        f"other processes {verdict['others_fraction_of_machine']} of the CPU: "
+        f"{'quiet' if verdict['quiet'] else 'NOT quiet (do not publish)'}"
+    )
+
+
 def quiet_verdict(load_start: float | None, load_end: float | None, cores: int | None = None, *,
                   others_cpu_s: float | None = None, wall_s: float | None = None) -> dict[str, Any]:
     """Quiet: the 1-minute load was <= 1 per core when the run started, and other processes used at
@@ -244,7 +253,8 @@ def quiet_verdict(load_start: float | None, load_end: float | None, cores: int |
     figure from a loaded run must say so.
     """
     cores = cores or os.cpu_count() or 1
-    others_fraction = (others_cpu_s / (wall_s * cores)) if others_cpu_s is not None and wall_s else None
+    # Under a second, /proc/stat's 10 ms ticks make the fraction noise.
+    others_fraction = (others_cpu_s / (wall_s * cores)) if others_cpu_s is not None and wall_s and wall_s >= 1.0 else None
     quiet = (load_start is not None and load_start <= cores) and (
         others_fraction is None or others_fraction <= QUIET_OTHERS_FRACTION)
     return {
