@@ -121,7 +121,12 @@ def open_fold_engines(
 
     ``tile_source`` (the scans about to be segmented) gates an OpenVINO model compiled on first use.
     """
-    from tucker_export.engines.selection import check_backend_precision, normalize_backend
+    from tucker_export.engines.selection import (
+        check_backend_precision,
+        normalize_backend,
+        onnx_precision,
+        open_runners,
+    )
 
     if (bundle_path is None) == (model_dir is None):
         raise ConfigurationError("Give exactly one of a bundle (-b) or an nnU-Net model folder (-m).")
@@ -141,16 +146,13 @@ def open_fold_engines(
             )
             return
         from tucker_export.bundle import Bundle
-        from tucker_export.engines.selection import onnx_precision
 
         if model_dir is not None:
-            bundle = undecomposed_bundle(model_dir, precision=onnx_precision(backend, precision) if backend != "torch" else None,
+            bundle = undecomposed_bundle(model_dir, precision=onnx_precision(precision) if backend != "torch" else None,
                                          trust_checkpoint=trust_checkpoint)
         else:
             bundle = Bundle.load(bundle_path)
         selected_folds = bundle.resolve_folds(folds)
-        from tucker_export.engines.selection import open_runners
-
         runners, backend_name, reason = open_runners(
             stack, bundle, backend=backend, precision=precision, folds=selected_folds, device=torch_device,
             tile_source=tile_source, threads=threads,

@@ -16,15 +16,14 @@ def _split(values: tuple[str, ...]) -> list[str]:
 
 
 def _tensorrt_usable() -> bool:
-    from tucker_export.engines.keys import cuda_devices
-    from tucker_export.engines.tensorrt_backend import import_tensorrt
+    from tucker_export.engines.build import require_tensorrt_and_cuda
     from tucker_export.errors import BackendUnavailableError
 
     try:
-        import_tensorrt()
+        require_tensorrt_and_cuda()
     except BackendUnavailableError:
         return False
-    return bool(cuda_devices())
+    return True
 
 
 @click.command("build")

@@ -262,7 +262,9 @@ def default_cpu_precision(cpu: CpuInfo, capabilities: Sequence[str]) -> str:
 
 def fp32_onnx_entry(bundle: Bundle, fold: Fold) -> tuple[str, dict[str, Any]]:
     """OpenVINO compiles every precision from the fp32 export (it lowers precision itself)."""
-    key = f"fold_{fold}.fp32"
+    from tucker_export.exporter.onnx_export import onnx_key
+
+    key = onnx_key(fold, "fp32")
     entry = bundle.manifest.get(ONNX_SECTION, {}).get(key)
     if entry is None:
         raise BundleError(
@@ -298,7 +300,7 @@ def build_cpu_engines(
     """
     from tqdm.auto import tqdm
 
-    from tucker_export._io import sha256_file, write_bytes_atomic
+    from tucker_export._io import write_bytes_atomic
     from tucker_export.bundle import Bundle, utc_now
     from tucker_export.engines import openvino_backend as ovb
     from tucker_export.engines.runners import physical_cores
@@ -321,6 +323,7 @@ def build_cpu_engines(
         raise ConfigurationError(f"--gate-tiles must be at least 1, got {gate_tiles}.")
     selected_folds = bundle.resolve_folds(list(folds) if folds else None)
     onnx_entries = {fold: fp32_onnx_entry(bundle, fold) for fold in selected_folds}  # every missing export first
+    onnx_paths = {fold: bundle.verify_file(entry["file"], entry["sha256"]) for fold, (_, entry) in onnx_entries.items()}
 
     calibration: Tiles | None = None
     if calibration_dir is not None:
@@ -346,9 +349,8 @@ def build_cpu_engines(
     references: dict[Any, np.ndarray] = {}
     for fold, precision in tqdm(jobs, desc="build (openvino)", unit="model", disable=not progress):
         onnx_key_, onnx_entry = onnx_entries[fold]
-        onnx_path = bundle.verify_file(onnx_entry["file"], onnx_entry["sha256"])
         key = cpu_engine_key(fold, precision, cpu, ov_version, onnx_entry["sha256"])
-        model = ovb.read_onnx(onnx_path)
+        model = ovb.read_onnx(onnx_paths[fold])
         calibration_record = None
         if precision == "int8":
             assert calibration is not None
@@ -372,7 +374,7 @@ def build_cpu_engines(
         if verdict["passed"] and write and built.blob is not None:
             engine_file = cpu_engine_relpath(fold, precision, cpu, ov_version, onnx_entry["sha256"])
             write_bytes_atomic(bundle.artifact_path(engine_file), built.blob)
-            engine_sha = sha256_file(bundle.artifact_path(engine_file))
+            engine_sha = hashlib.sha256(built.blob).hexdigest()  # the bytes just written; no re-read
         record = cpu_engine_record(
             key=key, fold=fold, precision=precision, cpu=cpu, openvino_version=ov_version, onnx_key=onnx_key_,
             onnx_entry=onnx_entry, engine_file=engine_file, engine_sha256=engine_sha, size_bytes=size, gate=verdict,
@@ -476,7 +478,6 @@ def resolve_cpu_models(
     *,
     tile_source: str | Path | None = None,
     threads: int | None = None,
-    build_missing: bool = True,
 ) -> CpuModels:
     """The compiled models a run uses, for ``precision`` (``auto``: see ``rank_cpu_precisions``).
 
@@ -506,6 +507,7 @@ def resolve_cpu_models(
         try:
             check_precision_supported(candidate, cpu, capabilities)
             models: dict[Any, Any] = {}
+            records: dict[Any, dict[str, Any]] = {}
             missing: list[Fold] = []
             for fold in folds:
                 try:
@@ -527,8 +529,9 @@ def resolve_cpu_models(
                     missing.append(fold)
                     continue
                 models[fold] = bundle.verify_file(record["file"], record["sha256"])
+                records[fold] = record
             if missing:
-                if candidate == "int8" or not build_missing:
+                if candidate == "int8":
                     raise EngineError(
                         f"Bundle {bundle.path} has no OpenVINO {candidate} model for this CPU ({cpu.kind}) of fold(s) "
                         f"{', '.join(str(f) for f in missing)}; build them with `{cpu_build_command(bundle.path, candidate)}`."
@@ -544,8 +547,8 @@ def resolve_cpu_models(
                 if not writable:
                     logger.warning("Bundle %s is read-only: the compiled models are kept in memory for this run only.", bundle.path)
                 models.update({r.record["fold"]: r.compiled for r in built})
-            latency = [bundle.manifest.get("cpu_engines", {}).get(cpu_engine_key(f, candidate, cpu, ov_version, shas[f]), {})
-                       .get("latency_ms") for f in folds]
+                records.update({r.record["fold"]: r.record for r in built})
+            latency = [records[f].get("latency_ms") for f in folds]
             note = f"{candidate}, gated for {cpu.kind}"
             if all(latency):
                 note += f", {sum(latency) / len(latency):.0f} ms per tile"  # type: ignore[arg-type]

@@ -66,8 +66,8 @@ def uses_openvino(backend: str, precision: str, device_type: str) -> bool:
     return backend == "openvino" or (backend == "auto" and precision in ("auto", "bf16", "int8"))
 
 
-def onnx_precision(backend: str, precision: str) -> str:
-    """The ONNX export a backend and precision run from (OpenVINO lowers precision from fp32 itself)."""
+def onnx_precision(precision: str) -> str:
+    """The ONNX export a precision runs from (``auto``/bf16/int8: fp32, which OpenVINO lowers itself)."""
     return "fp32" if precision in ("auto", "bf16", "int8") else precision
 
 
@@ -336,7 +336,7 @@ def select_backend(
             cpu_models = resolve_cpu_models(bundle, precision, folds, tile_source=tile_source, threads=threads)
         except TuckerExportError as error:
             openvino_problem = error
-    plain_precision = "fp32" if precision == "auto" else precision
+    plain_precision = onnx_precision(precision)
     needs_trt = choice == "trt" or (choice == "auto" and device.type == "cuda")
     decision = decide_backend(
         choice,

@@ -164,23 +164,20 @@ def environment() -> dict[str, Any]:
             versions[package] = version(package)
         except PackageNotFoundError:
             versions[package] = None
-    cpu_model = None
-    with contextlib.suppress(OSError):
-        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
-        cpu_model = match.group(1).strip() if match else None
+    from tucker_export.engines.cpu_keys import detect_cpu
+
+    cpu = detect_cpu()  # one read of /proc/cpuinfo: model name and the ISA features the CPU engines key on
     gpus = []
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(index)
             gpus.append({"index": index, "name": props.name, "memory_bytes": int(props.total_memory),
                          "compute_capability": [props.major, props.minor]})
-    from tucker_export.engines.cpu_keys import detect_cpu
-
     return {
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "cpu": cpu_model or platform.processor() or None,
-        "cpu_kind": detect_cpu().to_dict(),
+        "cpu": cpu.model_name,
+        "cpu_kind": cpu.to_dict(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "physical_cores": physical_cores(),
