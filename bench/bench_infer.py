@@ -62,7 +62,7 @@ def _report_path(out: Path) -> Path:
 
 def _stages(report_path: Path) -> dict[str, float]:
     cases = json.loads(report_path.read_text())["cases"]
-    return {k: round(sum(c["seconds"].get(k, 0.0) for c in cases), 3) for k in ("preprocess", "network", "export")}
+    return {k: round(sum(c["seconds"].get(k, 0.0) for c in cases), 3) for k in ("check", "preprocess", "network", "export")}
 
 
 def _dice_per_class(reference_dir: Path, candidate_dir: Path) -> dict[str, float]:

@@ -149,3 +149,56 @@ def make_model_folder(
         (model_dir / f"fold_{fold}").mkdir()
         torch.save(checkpoint, model_dir / f"fold_{fold}" / "checkpoint_final.pth")
     return model_dir
+
+
+def write_ct(path: Path, shape=(20, 30, 25), spacing=(1.2, 1.0, 1.5), seed: int = 0, dtype=np.int16):
+    """A CT-like phantom with a non-trivial geometry (origin, axis swap) written with SimpleITK."""
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(seed)
+    image = sitk.GetImageFromArray(rng.normal(0, 300, shape).astype(dtype))
+    image.SetSpacing(spacing)
+    image.SetOrigin((10.0, -5.0, 3.0))
+    image.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, 1))
+    sitk.WriteImage(image, str(path))
+    return image
+
+
+def write_dicom_series(
+    folder: Path,
+    volume: np.ndarray,
+    spacing=(1.0, 1.2, 1.5),
+    *,
+    modality: str = "CT",
+    series_uid: str = "1.2.826.0.1.3680043.2.1125.1",
+    skip_slices: tuple[int, ...] = (),
+) -> None:
+    """One slice per file, written in shuffled file-name order: readers must order them by position.
+
+    ``skip_slices``: slice indices not written (a series with slices lost in transfer).
+    """
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    order = np.random.default_rng(0).permutation(volume.shape[0])
+    for file_index, z in enumerate(order):
+        if int(z) in skip_slices:
+            continue
+        slice_image = sitk.GetImageFromArray(volume[z : z + 1])
+        slice_image.SetSpacing(spacing)
+        slice_image.SetOrigin((0.0, 0.0, float(z) * spacing[2]))
+        for tag, value in {
+            "0008|0060": modality,
+            "0020|000e": series_uid,
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.2",
+            "0020|0032": f"0\\0\\{z * spacing[2]}",
+            "0020|0013": str(file_index),
+            "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0028|0030": f"{spacing[1]}\\{spacing[0]}",
+            "0018|0050": str(spacing[2]),
+        }.items():
+            slice_image.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{series_uid[-4:]}_slice_{file_index:03d}.dcm"))
+        writer.Execute(slice_image)

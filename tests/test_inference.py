@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from click.testing import CliRunner
-from factories import make_model_folder
+from factories import make_model_folder, write_dicom_series
 
 from tucker_export.cli import cli
 from tucker_export.errors import ConfigurationError, InputImageError
@@ -134,35 +134,10 @@ def test_interrupted_export_leaves_no_file(model_dir: Path, input_dir: Path, tmp
     assert list(out.iterdir()) == []
 
 
-def _write_dicom_series(folder: Path, volume: np.ndarray, spacing=(1.0, 1.2, 1.5)) -> None:
-    """Slices written in shuffled file-name order: the reader must order them by position."""
-    folder.mkdir(parents=True)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    order = np.random.default_rng(0).permutation(volume.shape[0])
-    for file_index, z in enumerate(order):
-        slice_image = sitk.GetImageFromArray(volume[z : z + 1])
-        slice_image.SetSpacing(spacing)
-        slice_image.SetOrigin((0.0, 0.0, float(z) * spacing[2]))
-        for tag, value in {
-            "0008|0060": "CT",
-            "0020|000e": "1.2.826.0.1.3680043.2.1125.1",
-            "0020|000d": "1.2.826.0.1.3680043.2.1125.2",
-            "0020|0032": f"0\\0\\{z * spacing[2]}",
-            "0020|0013": str(file_index),
-            "0020|0037": "1\\0\\0\\0\\1\\0",
-            "0028|0030": f"{spacing[1]}\\{spacing[0]}",
-            "0018|0050": str(spacing[2]),
-        }.items():
-            slice_image.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice_{file_index:03d}.dcm"))
-        writer.Execute(slice_image)
-
-
 def test_dicom_series_folders(model_dir: Path, tmp_path: Path) -> None:
     volume = (np.random.default_rng(3).normal(0, 300, (12, 24, 20))).astype(np.int16)
     volume[:, :2, :2] = np.arange(12, dtype=np.int16)[:, None, None] * 100  # slice-order fingerprint
-    _write_dicom_series(tmp_path / "series" / "patient1", volume)
+    write_dicom_series(tmp_path / "series" / "patient1", volume)
     from tucker_export.nnunet.cases import discover_cases, read_dicom_series
 
     cases = discover_cases(tmp_path / "series", num_channels=1)

@@ -93,6 +93,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
       decompose  nnU-Net model folder -> bundle (factorized weights, ranks, figures)
       export     bundle -> ONNX files per fold and precision (checked against PyTorch)
       build      bundle -> TensorRT engines for this machine's GPUs, or OpenVINO models for its CPU
+      check      CT scans -> what is wrong with each (truncated, NaN, missing slices, ...)
       infer      CT scans -> segmentations, nnU-Net compatible, through the fastest engine
       validate   logits parity and Dice of the engine against PyTorch
       bench      latency, memory, size; rank-factor sweeps
@@ -168,8 +169,9 @@ def inspect(model_dir: Path, folds: tuple[str, ...], checkpoint_name: str, trust
 @click.option("-i", "--input", "input_path", required=True, type=click.Path(path_type=Path),
               help="A folder of NIfTI images (nnU-Net's case_0000.nii.gz naming or plain case.nii.gz), one image "
                    "file, a DICOM series folder, or a folder of DICOM series folders.")
-@click.option("-o", "--output", "output_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for the segmentations (one case.nii.gz per case, with its input's geometry).")
+@click.option("-o", "--output", "output_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the segmentations (one case.nii.gz per case, with its input's geometry); "
+                   "required unless --check-only.")
 @click.option("-b", "--bundle", "bundle_path", type=click.Path(path_type=Path), default=None,
               help="A bundle made by `tucker-export decompose`.")
 @click.option("-m", "--model", "model_dir", type=click.Path(path_type=Path), default=None,
@@ -194,26 +196,35 @@ def inspect(model_dir: Path, folds: tuple[str, ...], checkpoint_name: str, trust
 @click.option("--overwrite", is_flag=True, help="Redo cases whose segmentation already exists (default: skip them).")
 @click.option("--trust-checkpoint", is_flag=True, help="With -m: allow full-pickle checkpoint loading.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write per-case status and timings (preprocess, network, export) as JSON.")
+              help="Write per-case status and timings (check, preprocess, network, export) as JSON.")
+@click.option("--strict", is_flag=True, help="Also refuse what is otherwise a warning (a non-CT DICOM series for a CT model).")
+@click.option("--check-only", is_flag=True, help="Only run the input checks (as `tucker-export check`); segment nothing.")
 @click.pass_context
 def infer(ctx: click.Context, input_path: Path, output_dir: Path, bundle_path: Path | None, model_dir: Path | None,
           backend: str, precision: str, folds: tuple[str, ...], step_size: float, disable_tta: bool,
           batch_size: str, device: str, save_probabilities: bool, overwrite: bool, trust_checkpoint: bool,
-          report_path: Path | None, threads: int | None) -> None:
+          report_path: Path | None, threads: int | None, strict: bool, check_only: bool) -> None:
     """Segment CT scans with a bundle (or a plain nnU-Net model), nnU-Net compatible.
 
     Preprocessing, sliding window, mirroring, fold ensembling and export are nnU-Net's own; only the
-    network call goes through the chosen engine. Finished cases are skipped on a rerun; a case that
-    cannot be read is reported and skipped, and the command then exits with status 1.
+    network call goes through the chosen engine. Finished cases are skipped on a rerun. Each case is
+    checked before it is segmented (see `tucker-export check`): a broken or unreadable scan is
+    reported, nothing is written for it, the others finish, and the command exits with status 1.
     """
     from tucker_export.errors import TuckerExportError
+
+    if check_only:
+        _run_checks(ctx, input_path, bundle_path, model_dir, strict, report_path)
+        return
+    if output_dir is None:
+        raise click.UsageError("Missing option '-o' / '--output' (the folder for the segmentations).")
     from tucker_export.inference import run_inference
 
     report = run_inference(
         input_path, output_dir, bundle_path=bundle_path, model_dir=model_dir, backend=backend,
         precision=precision, folds=_split_folds(folds), step_size=step_size, use_mirroring=not disable_tta,
         batch_size=batch_size, device=device, save_probabilities=save_probabilities, overwrite=overwrite,
-        progress=ctx.obj["verbosity"] >= 0, trust_checkpoint=trust_checkpoint, threads=threads,
+        progress=ctx.obj["verbosity"] >= 0, trust_checkpoint=trust_checkpoint, threads=threads, strict=strict,
     )
     click.echo(report.summary())
     if report_path is not None:
@@ -222,6 +233,49 @@ def infer(ctx: click.Context, input_path: Path, output_dir: Path, bundle_path: P
         write_json_atomic(report_path, report.to_dict())
     if report.failed:
         raise TuckerExportError(f"{len(report.failed)} of {len(report.results)} case(s) failed (listed above).")
+
+
+@cli.command()
+@click.option("-i", "--input", "input_path", required=True, type=click.Path(path_type=Path),
+              help="Scans to check (same forms as `infer -i`).")
+@click.option("-b", "--bundle", "bundle_path", type=click.Path(path_type=Path), default=None,
+              help="Also check what this bundle's model needs (channels, dimensionality, memory, modality).")
+@click.option("-m", "--model", "model_dir", type=click.Path(path_type=Path), default=None,
+              help="As -b, for an nnU-Net trained model folder.")
+@click.option("--strict", is_flag=True, help="Count warnings (a non-CT series for a CT model) as failures.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the findings per case as JSON.")
+@click.pass_context
+def check(ctx: click.Context, input_path: Path, bundle_path: Path | None, model_dir: Path | None, strict: bool,
+          report_path: Path | None) -> None:
+    """Check scans before segmenting them, as `infer` does, and list what is wrong with each.
+
+    \b
+    Per file: a gzip stream cut short or failing its CRC, fewer voxels than the header promises,
+    NaN/Inf voxels, a zero or negative spacing, a non-orthonormal direction matrix.
+    Per DICOM series: missing slices (a step over 1.5x the median), repeated positions, mixed
+    orientation or thickness, several series in one folder, a non-CT modality for a CT model.
+    With -b/-m: channel count, dimensionality, and whether the case fits in this machine's memory.
+    Exits 1 when any case cannot be segmented.
+    """
+    _run_checks(ctx, input_path, bundle_path, model_dir, strict, report_path)
+
+
+def _run_checks(ctx: click.Context, input_path: Path, bundle_path: Path | None, model_dir: Path | None,
+                strict: bool, report_path: Path | None) -> None:
+    from tucker_export.errors import BrokenScanError
+    from tucker_export.inference import check_scans
+    from tucker_export.integrity.checks import format_inputs_report
+
+    report = check_scans(input_path, bundle_path=bundle_path, model_dir=model_dir, strict=strict,
+                         progress=ctx.obj["verbosity"] >= 0)
+    click.echo(format_inputs_report(report))
+    if report_path is not None:
+        from tucker_export._io import write_json_atomic
+
+        write_json_atomic(report_path, report.to_dict())
+    if report.failed:
+        raise BrokenScanError(f"{len(report.failed)} of {len(report.checks)} case(s) failed their checks (listed above).")
 
 
 @cli.command()

@@ -56,6 +56,10 @@ class InputImageError(TuckerExportError):
     """An input image or folder cannot be used (unreadable, wrong channels, wrong dimensionality)."""
 
 
+class BrokenScanError(InputImageError):
+    """A scan failed an integrity check: truncated, NaN voxels, missing slices, too large for memory, ..."""
+
+
 class ValidationFailedError(TuckerExportError):
     """One or more validation thresholds failed; the message lists every failure."""
 

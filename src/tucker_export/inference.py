@@ -22,10 +22,11 @@ from typing import Literal
 import numpy as np
 import torch
 
-from tucker_export.errors import ConfigurationError, InputImageError, ModelFolderError, TuckerExportError
-from tucker_export.nnunet.cases import Case, check_readable, discover_cases, read_dicom_series
+from tucker_export.errors import BrokenScanError, ConfigurationError, ModelFolderError, TuckerExportError
+from tucker_export.nnunet.cases import Case, discover_cases
 from tucker_export.nnunet.loading import Fold, ModelSpec
 from tucker_export.nnunet.predictor import EnginePredictor, FoldModel, mirror_axis_combinations
+from tucker_export.nnunet.reading import preprocess_case
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class CaseResult:
     output: Path | None = None
     error: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -55,7 +57,7 @@ class InferenceReport:
             "backend": self.backend, "backend_reason": self.backend_reason, "precision": self.precision,
             "folds": [str(f) for f in self.folds], "batch_size": self.batch_size,
             "cases": [{"name": r.name, "status": r.status, "output": str(r.output) if r.output else None,
-                       "error": r.error, "seconds": r.seconds} for r in self.results],
+                       "error": r.error, "warnings": r.warnings, "seconds": r.seconds} for r in self.results],
         }
 
     @property
@@ -70,7 +72,7 @@ class InferenceReport:
         ]
         done = [r for r in self.results if r.status == "done"]
         if done:
-            totals = {k: sum(r.seconds.get(k, 0.0) for r in done) for k in ("preprocess", "network", "export")}
+            totals = {k: sum(r.seconds.get(k, 0.0) for r in done) for k in ("check", "preprocess", "network", "export")}
             whole = sum(totals.values()) or 1.0
             lines.append(
                 "time: " + ", ".join(f"{k} {v:.1f} s ({100 * v / whole:.0f}%)" for k, v in totals.items())
@@ -266,9 +268,13 @@ def run_inference(
     progress: bool = True,
     trust_checkpoint: bool = False,
     threads: int | None = None,
+    strict: bool = False,
 ) -> InferenceReport:
     """Segment every case under ``input_path`` into ``output_dir`` (one file per case, input geometry).
 
+    Each case is checked first (``tucker_export.integrity``): a broken scan is reported as failed and
+    nothing is written for it. ``strict`` also refuses what is otherwise a warning (a non-CT series
+    for a CT model).
     ``precision="auto"``: on the CPU, OpenVINO at the fastest precision that passed its accuracy
     gate (compiled and gated on first use, on tiles of these scans); fp32 on other backends.
     ``threads``: engine threads [default: physical cores of the process's CPU affinity].
@@ -303,12 +309,45 @@ def run_inference(
         for case in tqdm(cases, desc="cases", unit="case", disable=not progress,
                          mininterval=0.1 if sys.stderr.isatty() else 30.0):
             results.append(
-                _run_case(predictor, spec, case, output_dir, overwrite=overwrite, save_probabilities=save_probabilities)
+                _run_case(predictor, spec, case, output_dir, overwrite=overwrite, save_probabilities=save_probabilities,
+                          strict=strict)
             )
         return InferenceReport(
             results=results, backend=engines.backend, backend_reason=engines.reason, precision=engines.precision,
             folds=tuple(engines.fold_models), batch_size=batch_size,
         )
+
+
+def check_scans(
+    input_path: str | Path,
+    *,
+    bundle_path: str | Path | None = None,
+    model_dir: str | Path | None = None,
+    strict: bool = False,
+    progress: bool = True,
+):
+    """Every integrity check `infer` runs, over every case under ``input_path``, segmenting nothing.
+
+    With a bundle or model folder, the model's own checks too (channels, dimensionality, memory,
+    modality); without, the checks on the files alone. Returns an ``InputsReport``.
+    """
+    from tucker_export.integrity.checks import ModelNeeds, check_inputs
+
+    if bundle_path is not None and model_dir is not None:
+        raise ConfigurationError("Give at most one of a bundle (-b) or an nnU-Net model folder (-m).")
+    spec = None
+    if bundle_path is not None:
+        from tucker_export.bundle import Bundle
+
+        spec = Bundle.load(bundle_path).spec
+    elif model_dir is not None:
+        from tucker_export.nnunet.loading import load_model_spec
+
+        spec = load_model_spec(model_dir)
+    return check_inputs(
+        input_path, ModelNeeds.from_spec(spec) if spec is not None else None, strict=strict,
+        file_ending=spec.dataset_json["file_ending"] if spec is not None else ".nii.gz", progress=progress,
+    )
 
 
 def output_path(output_dir: Path, case_name: str, file_ending: str) -> Path:
@@ -323,18 +362,18 @@ def _run_case(
     *,
     overwrite: bool,
     save_probabilities: bool,
+    strict: bool = False,
 ) -> CaseResult:
     file_ending = spec.dataset_json["file_ending"]
     target = output_path(output_dir, case.name, file_ending)
     if target.exists() and not overwrite:
         logger.debug("%s: %s exists, skipped (use --overwrite to redo).", case.name, target)
         return CaseResult(case.name, "skipped", target)
-    problem = case.problem or check_readable(case, len(spec.patch_size))
-    if problem:
-        logger.error("Case %s skipped: %s.", case.name, problem)
-        return CaseResult(case.name, "failed", error=problem)
     try:
-        seconds = _segment_case(predictor, spec, case, target, save_probabilities)
+        seconds, warnings = _segment_case(predictor, spec, case, target, save_probabilities, strict)
+    except BrokenScanError as error:
+        logger.error("Case %s not segmented: %s.", case.name, error)
+        return CaseResult(case.name, "failed", error=str(error))
     except (TuckerExportError, RuntimeError, OSError, ValueError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         logger.error("Case %s failed: %s", case.name, message)
@@ -344,55 +383,35 @@ def _run_case(
         "%s: preprocess %.2f s, network %.2f s, export %.2f s", case.name,
         seconds["preprocess"], seconds["network"], seconds["export"],
     )
-    return CaseResult(case.name, "done", target, seconds=seconds)
+    for warning in warnings:
+        logger.warning("Case %s: %s.", case.name, warning)
+    return CaseResult(case.name, "done", target, seconds=seconds, warnings=warnings)
 
 
 def _segment_case(
-    predictor: EnginePredictor, spec: ModelSpec, case: Case, target: Path, save_probabilities: bool
-) -> dict[str, float]:
+    predictor: EnginePredictor, spec: ModelSpec, case: Case, target: Path, save_probabilities: bool, strict: bool
+) -> tuple[dict[str, float], list[str]]:
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
 
     file_ending = spec.dataset_json["file_ending"]
-    with case_input_files(case, file_ending) as files:
-        start = time.perf_counter()
-        preprocessor = spec.configuration_manager.preprocessor_class(verbose=False)
-        data, _, properties = preprocessor.run_case(
-            [str(f) for f in files], None, spec.plans_manager, spec.configuration_manager, spec.dataset_json
-        )
-        if data.shape[0] != spec.num_input_channels:
-            raise InputImageError(f"it has {data.shape[0]} channels, the model needs {spec.num_input_channels}")
-        preprocessed = time.perf_counter()
-        logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
-        predicted = time.perf_counter()
-        _export_atomically(
-            lambda truncated: export_prediction_from_logits(
-                logits, properties, spec.configuration_manager, spec.plans_manager, spec.dataset_json,
-                truncated, save_probabilities,
-            ),
-            target,
-            file_ending,
-            extra_suffixes=(".npz", ".pkl") if save_probabilities else (),
-        )
-        exported = time.perf_counter()
-    return {"preprocess": preprocessed - start, "network": predicted - preprocessed, "export": exported - predicted}
-
-
-@contextlib.contextmanager
-def case_input_files(case: Case, file_ending: str) -> Iterator[list[Path]]:
-    """The case's channel files; a DICOM series is converted to a temporary NIfTI first."""
-    if case.dicom_dir is None:
-        yield case.files
-        return
-    import SimpleITK as sitk
-
-    with tempfile.TemporaryDirectory(prefix="tucker-export-dicom-") as tmp:
-        path = Path(tmp) / f"{case.name}_0000{file_ending}"
-        try:
-            image = read_dicom_series(case.dicom_dir)
-        except RuntimeError as error:
-            raise InputImageError(f"DICOM series in {case.dicom_dir} cannot be read ({str(error).splitlines()[0]})") from None
-        sitk.WriteImage(image, str(path))
-        yield [path]
+    start = time.perf_counter()
+    prepared = preprocess_case(case, spec, strict=strict)
+    preprocessed = time.perf_counter()
+    logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(prepared.data)).cpu()
+    predicted = time.perf_counter()
+    _export_atomically(
+        lambda truncated: export_prediction_from_logits(
+            logits, prepared.properties, spec.configuration_manager, spec.plans_manager, spec.dataset_json,
+            truncated, save_probabilities,
+        ),
+        target,
+        file_ending,
+        extra_suffixes=(".npz", ".pkl") if save_probabilities else (),
+    )
+    exported = time.perf_counter()
+    seconds = {"preprocess": preprocessed - start - prepared.check_seconds, "network": predicted - preprocessed,
+               "export": exported - predicted, "check": prepared.check_seconds}
+    return seconds, prepared.warnings
 
 
 def _export_atomically(write, target: Path, file_ending: str, extra_suffixes: tuple[str, ...]) -> None:

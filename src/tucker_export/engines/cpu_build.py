@@ -102,8 +102,9 @@ def tiles_from_scans(
     """
     from tqdm.auto import tqdm
 
-    from tucker_export.inference import case_input_files
-    from tucker_export.nnunet.cases import check_readable, discover_cases
+    from tucker_export.errors import BrokenScanError
+    from tucker_export.nnunet.cases import discover_cases
+    from tucker_export.nnunet.reading import preprocess_case
 
     if count < 1:
         raise ConfigurationError(f"The number of tiles must be at least 1, got {count}.")
@@ -122,23 +123,15 @@ def tiles_from_scans(
     patch = bundle.patch_size
     tiles: list[np.ndarray] = []
     used: list[str] = []
-    preprocessor = spec.configuration_manager.preprocessor_class(verbose=False)
     for case, n in tqdm(list(zip(cases, split_counts(count, len(cases)))), desc="tiles", unit="case",
                         disable=not progress, leave=False):
         if n == 0:
             continue
-        problem = check_readable(case, len(patch))
-        if problem:
-            logger.warning("Calibration case %s skipped: %s.", case.name, problem)
+        try:
+            data = preprocess_case(case, spec).data
+        except BrokenScanError as error:
+            logger.warning("Calibration case %s skipped: %s.", case.name, error)
             continue
-        with case_input_files(case, file_ending) as files:
-            data, _, _ = preprocessor.run_case(
-                [str(f) for f in files], None, spec.plans_manager, spec.configuration_manager, spec.dataset_json
-            )
-        if data.shape[0] != spec.num_input_channels:
-            raise InputImageError(
-                f"Calibration case {case.name} has {data.shape[0]} channels; the model needs {spec.num_input_channels}."
-            )
         tiles.extend(crop_tile(data, corner, patch) for corner in crop_positions(data.shape[1:], patch, n, rng))
         used.append(case.name)
     if not tiles:

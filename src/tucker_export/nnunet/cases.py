@@ -44,13 +44,13 @@ def _strip_ending(path: Path, endings: tuple[str, ...]) -> str | None:
     return None
 
 
-def _dicom_series_ids(folder: Path) -> list[str]:
+def dicom_series_ids(folder: Path) -> list[str]:
     import SimpleITK as sitk
 
     return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
 
 
-def _image_cases(files: list[Path], endings: tuple[str, ...], num_channels: int) -> list[Case]:
+def _image_cases(files: list[Path], endings: tuple[str, ...], num_channels: int | None) -> list[Case]:
     grouped: dict[str, dict[int, Path]] = {}
     plain: dict[str, Path] = {}
     for path in files:
@@ -68,14 +68,14 @@ def _image_cases(files: list[Path], endings: tuple[str, ...], num_channels: int)
         case = Case(name=name, files=ordered)
         if sorted(channels) != list(range(len(channels))):
             case.problem = f"its channel files are not numbered 0000..{len(channels) - 1:04d} (found {sorted(channels)})"
-        elif len(ordered) != num_channels:
+        elif num_channels is not None and len(ordered) != num_channels:
             case.problem = f"it has {len(ordered)} channel file(s), the model needs {num_channels}"
         cases.append(case)
     for name, path in plain.items():
         if name in grouped:
             continue
         case = Case(name=name, files=[path])
-        if num_channels != 1:
+        if num_channels not in (None, 1):
             case.problem = (
                 f"it is a single file, the model needs {num_channels} channels named {name}_0000..{name}_{num_channels - 1:04d}"
             )
@@ -84,9 +84,12 @@ def _image_cases(files: list[Path], endings: tuple[str, ...], num_channels: int)
 
 
 def discover_cases(
-    input_path: str | Path, *, num_channels: int, file_ending: str = ".nii.gz"
+    input_path: str | Path, *, num_channels: int | None, file_ending: str = ".nii.gz"
 ) -> list[Case]:
-    """The cases under ``input_path``, sorted by name; raises only when there is nothing to do."""
+    """The cases under ``input_path``, sorted by name; raises only when there is nothing to do.
+
+    ``num_channels``: the model's input channels, checked per case; None checks no count.
+    """
     input_path = Path(input_path)
     endings = tuple(dict.fromkeys((file_ending, *NIFTI_ENDINGS)))
     if not input_path.exists():
@@ -99,7 +102,7 @@ def discover_cases(
                 f"a folder of them, or a DICOM series folder."
             )
         match = _CHANNEL_SUFFIX.match(stem)
-        if match and num_channels > 1:
+        if match and (num_channels is None or num_channels > 1):
             siblings = sorted(input_path.parent.glob(f"{match['case']}_[0-9][0-9][0-9][0-9]*"))
             return _image_cases(siblings, endings, num_channels)
         return [Case(name=match["case"] if match else stem, files=[input_path])]
@@ -107,10 +110,10 @@ def discover_cases(
     children = sorted(input_path.iterdir())
     files = [p for p in children if p.is_file() and not p.name.startswith(".")]
     cases = _image_cases(files, endings, num_channels)
-    if not cases and _dicom_series_ids(input_path):
+    if not cases and dicom_series_ids(input_path):
         cases.append(_dicom_case(input_path.name, input_path, num_channels))
     for sub in (p for p in children if p.is_dir() and not p.name.startswith(".")):
-        if _dicom_series_ids(sub):
+        if dicom_series_ids(sub):
             cases.append(_dicom_case(sub.name, sub, num_channels))
     if not cases:
         raise InputImageError(
@@ -126,12 +129,12 @@ def discover_cases(
     return sorted(cases, key=lambda c: c.name)
 
 
-def _dicom_case(name: str, folder: Path, num_channels: int) -> Case:
+def _dicom_case(name: str, folder: Path, num_channels: int | None) -> Case:
     case = Case(name=name, dicom_dir=folder)
-    series = _dicom_series_ids(folder)
+    series = dicom_series_ids(folder)
     if len(series) > 1:
-        case.problem = f"its folder holds {len(series)} DICOM series; put each series in its own folder"
-    elif num_channels != 1:
+        case.problem = f"{folder.name}/ holds {len(series)} DICOM series; put each series in its own folder"
+    elif num_channels not in (None, 1):
         case.problem = f"a DICOM series is one channel, the model needs {num_channels}"
     return case
 
@@ -140,32 +143,7 @@ def read_dicom_series(folder: Path):
     """The series in ``folder`` as one SimpleITK image, slices ordered by position (GDCM)."""
     import SimpleITK as sitk
 
-    (series_id,) = _dicom_series_ids(folder)
+    (series_id,) = dicom_series_ids(folder)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id))
     return reader.Execute()
-
-
-def check_readable(case: Case, spatial_dims: int) -> str | None:
-    """Why ``case`` cannot be segmented by a ``spatial_dims``-D model, or None when it can (header only)."""
-    import SimpleITK as sitk
-
-    if case.dicom_dir is not None:
-        return None  # the series reader validates while reading
-    shapes = []
-    for path in case.files:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError:
-            return f"{path.name} cannot be read as an image (corrupt or not NIfTI)"
-        dimension = reader.GetDimension()
-        if spatial_dims == 3 and dimension != 3:
-            return f"{path.name} is a {dimension}D image, the model is 3D"
-        if reader.GetNumberOfComponents() != 1:
-            return f"{path.name} has {reader.GetNumberOfComponents()} components per voxel; give each channel its own file"
-        shapes.append(reader.GetSize())
-    if len(set(shapes)) > 1:
-        return f"its channel files have different sizes {sorted(set(shapes))}"
-    return None

@@ -164,9 +164,11 @@ def validate_bundle(
 
     from tucker_export.bundle import Bundle
     from tucker_export.engines.selection import open_runners
+    from tucker_export.errors import BrokenScanError
     from tucker_export.inference import parse_device, runner_fold_model
-    from tucker_export.nnunet.cases import check_readable, discover_cases
+    from tucker_export.nnunet.cases import discover_cases
     from tucker_export.nnunet.predictor import EnginePredictor
+    from tucker_export.nnunet.reading import preprocess_case
     from tucker_export.validation.metrics import compute_class_metrics, summarize
 
     if against not in ("original", "decomposed"):
@@ -204,19 +206,14 @@ def validate_bundle(
                                         batch_size=batch_size, device=torch_device, allow_tqdm=False)
             predictor.initialize(spec, models)
             predictors[name] = predictor
-        preprocessor = spec.configuration_manager.preprocessor_class(verbose=False)
 
         for case in tqdm(cases, desc="validating", unit="case", disable=not progress):
-            problem = case.problem or check_readable(case, len(spec.patch_size))
-            if problem:
-                failures.append(f"case {case.name}: {problem}")
+            try:
+                prepared = preprocess_case(case, spec)
+            except BrokenScanError as error:
+                failures.append(f"case {case.name}: {error}")
                 continue
-            from tucker_export.inference import case_input_files
-
-            with case_input_files(case, file_ending) as files:
-                data, _, properties = preprocessor.run_case(
-                    [str(f) for f in files], None, spec.plans_manager, spec.configuration_manager, spec.dataset_json
-                )
+            data, properties = prepared.data, prepared.properties
             data_tensor = torch.from_numpy(data)
             tiles = _parity_tiles(predictors["engine"], data_tensor, parity_tiles).to(torch_device)
             for fold in selected:

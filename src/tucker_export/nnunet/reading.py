@@ -1,0 +1,76 @@
+"""A case from its files to nnU-Net's preprocessed array, checked on the way.
+
+Every caller that segments scans (`infer`, `validate`, the OpenVINO calibration tiles) reads a case
+here, so every one of them refuses a broken scan the same way: the integrity checks run on the
+files first, nnU-Net's own reader reads the voxels once, the voxels are checked, and nnU-Net's
+preprocessing runs on the array it read (``run_case_npy``, the second half of ``run_case``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tucker_export.errors import BrokenScanError, InputImageError
+from tucker_export.nnunet.cases import Case, read_dicom_series
+
+
+@dataclass
+class PreparedCase:
+    data: np.ndarray
+    properties: dict
+    warnings: list[str] = field(default_factory=list)
+    check_seconds: float = 0.0
+
+
+def preprocess_case(case: Case, spec, *, strict: bool = False) -> PreparedCase:
+    """Check, read and preprocess ``case`` for ``spec``'s model; raises ``BrokenScanError`` with the findings."""
+    from tucker_export.integrity.checks import ModelNeeds, check_case
+    from tucker_export.integrity.volume import nonfinite_problems
+
+    started = time.perf_counter()
+    check = check_case(case, ModelNeeds.from_spec(spec), strict=strict)
+    if not check.ok:
+        raise BrokenScanError(check.message())
+    checked = time.perf_counter() - started
+    file_ending = spec.dataset_json["file_ending"]
+    with case_input_files(case, file_ending) as files:
+        reader = spec.plans_manager.image_reader_writer_class()
+        data, properties = reader.read_images([str(f) for f in files])
+    started = time.perf_counter()
+    shown = [Path(f"{case.dicom_dir.name}/")] if case.dicom_dir is not None else case.files
+    problems = nonfinite_problems(data, shown)
+    if problems:
+        raise BrokenScanError("; ".join(problems))
+    checked += time.perf_counter() - started
+    if data.shape[0] != spec.num_input_channels:
+        raise InputImageError(f"it has {data.shape[0]} channels, the model needs {spec.num_input_channels}")
+    preprocessor = spec.configuration_manager.preprocessor_class(verbose=False)
+    data, _, properties = preprocessor.run_case_npy(
+        data, None, properties, spec.plans_manager, spec.configuration_manager, spec.dataset_json
+    )
+    return PreparedCase(data, properties, check.warnings, checked)
+
+
+@contextlib.contextmanager
+def case_input_files(case: Case, file_ending: str) -> Iterator[list[Path]]:
+    """The case's channel files; a DICOM series is converted to a temporary NIfTI first."""
+    if case.dicom_dir is None:
+        yield case.files
+        return
+    import SimpleITK as sitk
+
+    with tempfile.TemporaryDirectory(prefix="tucker-export-dicom-") as tmp:
+        path = Path(tmp) / f"{case.name}_0000{file_ending}"
+        try:
+            image = read_dicom_series(case.dicom_dir)
+        except RuntimeError as error:
+            raise InputImageError(f"DICOM series in {case.dicom_dir} cannot be read ({str(error).splitlines()[0]})") from None
+        sitk.WriteImage(image, str(path))
+        yield [path]
