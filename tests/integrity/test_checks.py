@@ -125,11 +125,17 @@ def _broken_folder(folder: Path) -> dict[str, str]:
     raw[88:92] = np.array([0.0], "<f4").tobytes()  # pixdim[3]: zero slice spacing
     (folder / "flat.nii.gz").write_bytes(gzip.compress(bytes(raw)))
     write_dicom_series(folder / "gappy", _volume(), skip_slices=(7,))
+    write_ct(folder / "short.nii", seed=5)  # uncompressed, with its last 1000 bytes lost
+    (folder / "short.nii").write_bytes((folder / "short.nii").read_bytes()[:-1000])
+    write_dicom_series(folder / "mixed", _volume(), series_uid="1.2.3.4.1001")
+    write_dicom_series(folder / "mixed", _volume(), series_uid="1.2.3.4.1002")
     return {
         "cut": f"cut.nii.gz: the gzip stream ends after {len(data) // 2:,} bytes, before its end marker",
         "nan": "nan.nii.gz: 4 NaN and 0 infinite voxels of 15,000; readers turn them into made-up intensities",
         "flat": "flat.nii.gz: its voxel spacing (1.2, 1, 0 mm) has a zero, negative or non-finite value",
         "gappy": "gappy/: between slices",
+        "short": "short.nii: the file holds 29,352 bytes; the header promises 15,000 voxels",
+        "mixed": "mixed/ holds 2 DICOM series; put each series in its own folder",
     }
 
 
@@ -140,7 +146,7 @@ def test_infer_refuses_each_broken_scan_and_segments_the_rest(model_dir: Path, t
     result = CliRunner().invoke(cli, ["-q", "infer", "-i", str(tmp_path / "in"), "-o", str(out), "-m", str(model_dir),
                                       "--backend", "torch", "--disable-tta", "--report", str(report_path)])
     assert result.exit_code == 1, result.output
-    assert "1 segmented, 0 skipped (already done), 4 failed" in result.output
+    assert "1 segmented, 0 skipped (already done), 6 failed" in result.output
     for name, sentence in expected.items():
         assert f"FAILED {name}: {sentence}" in result.output
     assert "Traceback" not in result.output
@@ -158,8 +164,8 @@ def test_check_command_tables_every_case(model_dir: Path, tmp_path: Path) -> Non
                  ["check", "-i", str(tmp_path / "in"), "--report", str(report_path)]):
         result = CliRunner().invoke(cli, ["-q", *args])
         assert result.exit_code == 1, result.output
-        assert "1 of 5 case(s) can be segmented, 4 cannot." in result.output
-        assert "Error: 4 of 5 case(s) failed their checks (listed above)." in result.output
+        assert "1 of 7 case(s) can be segmented, 6 cannot." in result.output
+        assert "Error: 6 of 7 case(s) failed their checks (listed above)." in result.output
         for sentence in expected.values():
             assert f"error: {sentence}" in result.output
     saved = {c["name"]: c for c in json.loads(report_path.read_text())["cases"]}
