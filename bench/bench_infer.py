@@ -11,7 +11,8 @@ start-up is the rest. Peak RSS is each process's own (``os.wait4``).
 
 Variants: stock nnU-Net (the reference of every ratio); `infer -m` (the untouched model) on ONNX
 Runtime fp32 and on `auto` (OpenVINO at its gated precision on this CPU), at the default batch
-(`auto`: the 8 mirror variants of a tile in one call) and at batch 1; `infer -b` with a Tucker
+(`auto`: the mirror variants of a tile in one call), at batch 1, and with `--sequential` (no
+overlap of the next case's preprocessing and the last one's export with the network); `infer -b` with a Tucker
 bundle (``--rank-factor``) on ONNX Runtime and on `auto`.
 
 Before timing, every variant runs once untimed on one small demo case: that builds the cached
@@ -92,11 +93,16 @@ def _prepare_bundle(model, work: Path, rank_factor: float) -> Path:
 
 
 def _input_sets(model, work: Path, names: list[str], n_cases: int) -> dict[str, Path]:
-    sources = {"ct_sm": SHARED / "example_ct_sm.nii.gz", "ct_full": SHARED / "example_ct.nii.gz"}
+    sources = {"ct_sm": SHARED / "example_ct_sm.nii.gz", "ct_full": SHARED / "example_ct.nii.gz",
+               "ct_sm_x3": SHARED / "example_ct_sm.nii.gz"}
     sets = {}
     for name in names:
         folder = work / f"input-{name}"
-        if name == "demo":
+        if name == "ct_sm_x3" and sources[name].is_file():  # several cases: what overlapping the stages is for
+            folder.mkdir()
+            for index in range(3):
+                shutil.copy(sources[name], folder / f"ct_sm_copy{index}_0000.nii.gz")
+        elif name == "demo":
             folder.mkdir()
             for path in sorted(model.test_images_dir.glob("*_0000.nii.gz"))[:n_cases]:
                 shutil.copy(path, folder / path.name)
@@ -114,8 +120,11 @@ def main() -> int:
     from tucker_export.validation.bench import MachineWatch, describe_verdict, environment
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--inputs", nargs="+", choices=["ct_sm", "ct_full", "demo"], default=None,
-                        help="input sets [default: ct_sm where ../shared has it, else demo]")
+    parser.add_argument("--inputs", nargs="+", choices=["ct_sm", "ct_full", "ct_sm_x3", "demo"], default=None,
+                        help="input sets [default: ct_sm where ../shared has it, else demo]; ct_sm_x3 is three "
+                             "copies of the crop as three cases")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="only these variants (names as printed; stock is always included)")
     parser.add_argument("--cases", type=int, default=4, help="demo held-out cases in the demo input set")
     parser.add_argument("--repeats", type=int, default=1, help="timed rounds (interleaved); the median is reported")
     parser.add_argument("--rank-factor", type=float, default=0.3)
@@ -146,9 +155,16 @@ def main() -> int:
         "infer -m ort fp32": ["-m", str(model.model_dir), "--backend", "ort", "--precision", "fp32"],
         "infer -m auto": ["-m", str(model.model_dir)],
         "infer -m auto b1": ["-m", str(model.model_dir), "--batch-size", "1"],
+        "infer -m auto sequential": ["-m", str(model.model_dir), "--sequential"],
         f"infer -b tucker{args.rank_factor} ort fp32": ["-b", str(tucker), "--backend", "ort", "--precision", "fp32"],
         f"infer -b tucker{args.rank_factor} auto": ["-b", str(tucker)],
     }
+
+    if args.variants:
+        unknown = sorted(set(args.variants) - set(variants))
+        if unknown:
+            raise SystemExit(f"unknown variants {unknown}; choose from {sorted(variants)}")
+        variants = {k: v for k, v in variants.items() if k.startswith("stock") or k in args.variants}
 
     def command(name: str, folder: Path, out: Path) -> list[str]:
         if name.startswith("stock"):
@@ -179,7 +195,11 @@ def main() -> int:
                 if not name.startswith("stock"):
                     stages = _stages(_report_path(out))
                     row.update(stages)
-                    row["startup_and_rest_s"] = round(seconds - sum(stages.values()), 2)
+                    cases_wall = json.loads(_report_path(out).read_text()).get("cases_wall_s") or sum(stages.values())
+                    row["cases_wall_s"] = round(cases_wall, 2)
+                    row["startup_and_rest_s"] = round(seconds - cases_wall, 2)
+                    # the share of the cases' wall time in which the network was not running
+                    row["outside_network_share"] = round(1 - stages["network"] / cases_wall, 3) if cases_wall else None
                 runs[name].append(row)  # type: ignore[arg-type]
                 print(f"[{set_name}] round {round_index + 1} {name}: {seconds:.1f} s", flush=True)
         stock_out = work / f"out-{set_name}" / "stock_nnUNetv2_predict"

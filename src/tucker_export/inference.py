@@ -1,47 +1,31 @@
 """`tucker-export infer`: a folder of scans in, nnU-Net-identical segmentations out, through an engine.
 
-Each case goes through nnU-Net's own preprocessing, the engine-backed sliding window
-(``EnginePredictor``) and nnU-Net's export, one case at a time so that a bad case is reported
-and skipped while the others finish. Outputs are written to a temporary name and renamed, so an
-interrupted run leaves no partial file and a rerun skips the finished cases.
+Each case is checked (``tucker_export.integrity``), then goes through nnU-Net's own
+preprocessing, the engine-backed sliding window (``EnginePredictor``) and nnU-Net's export; a bad
+case is reported and skipped while the others finish. ``case_pipeline`` runs the cases, the next
+one prepared and the last one exported while the network runs, and writes outputs atomically.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
-from tucker_export.errors import BrokenScanError, ConfigurationError, ModelFolderError, TuckerExportError
-from tucker_export.nnunet.cases import Case, discover_cases
+from tucker_export.case_pipeline import STAGES, CaseResult, run_cases
+from tucker_export.errors import ConfigurationError, ModelFolderError
+from tucker_export.nnunet.cases import discover_cases
 from tucker_export.nnunet.loading import Fold, ModelSpec
 from tucker_export.nnunet.predictor import EnginePredictor, FoldModel, mirror_axis_combinations
-from tucker_export.nnunet.reading import preprocess_case
 
 logger = logging.getLogger(__name__)
-
-Status = Literal["done", "skipped", "failed"]
-
-
-@dataclass
-class CaseResult:
-    name: str
-    status: Status
-    output: Path | None = None
-    error: str | None = None
-    seconds: dict[str, float] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-
 
 @dataclass
 class InferenceReport:
@@ -51,11 +35,14 @@ class InferenceReport:
     precision: str
     folds: tuple[Fold, ...]
     batch_size: int
+    overlap: bool = True
+    cases_wall_s: float = 0.0  # from the first case's start to the last case's end
 
     def to_dict(self) -> dict:
         return {
             "backend": self.backend, "backend_reason": self.backend_reason, "precision": self.precision,
-            "folds": [str(f) for f in self.folds], "batch_size": self.batch_size,
+            "folds": [str(f) for f in self.folds], "batch_size": self.batch_size, "overlap": self.overlap,
+            "cases_wall_s": round(self.cases_wall_s, 3),
             "cases": [{"name": r.name, "status": r.status, "output": str(r.output) if r.output else None,
                        "error": r.error, "warnings": r.warnings, "seconds": r.seconds} for r in self.results],
         }
@@ -72,10 +59,12 @@ class InferenceReport:
         ]
         done = [r for r in self.results if r.status == "done"]
         if done:
-            totals = {k: sum(r.seconds.get(k, 0.0) for r in done) for k in ("check", "preprocess", "network", "export")}
+            totals = {k: sum(r.seconds.get(k, 0.0) for r in done) for k in STAGES}
             whole = sum(totals.values()) or 1.0
             lines.append(
                 "time: " + ", ".join(f"{k} {v:.1f} s ({100 * v / whole:.0f}%)" for k, v in totals.items())
+                + (" (summed per stage; the next case was prepared and the last one exported during the network)"
+                   if self.overlap and len(done) > 1 else "")
             )
         for result in self.failed:
             lines.append(f"FAILED {result.name}: {result.error}")
@@ -269,6 +258,7 @@ def run_inference(
     trust_checkpoint: bool = False,
     threads: int | None = None,
     strict: bool = False,
+    overlap: bool = True,
 ) -> InferenceReport:
     """Segment every case under ``input_path`` into ``output_dir`` (one file per case, input geometry).
 
@@ -279,6 +269,8 @@ def run_inference(
     gate (compiled and gated on first use, on tiles of these scans); fp32 on other backends.
     ``threads``: engine threads [default: physical cores of the process's CPU affinity].
     ``batch_size="auto"``: see ``auto_batch_size``.
+    ``overlap``: prepare the next case and export the previous one while the network runs
+    (``tucker_export.case_pipeline``); False runs the stages one after the other.
     """
     from tqdm import tqdm
 
@@ -305,16 +297,17 @@ def run_inference(
         )
         predictor.initialize(spec, engines.fold_models)
         output_dir.mkdir(parents=True, exist_ok=True)
-        results = []
-        for case in tqdm(cases, desc="cases", unit="case", disable=not progress,
-                         mininterval=0.1 if sys.stderr.isatty() else 30.0):
-            results.append(
-                _run_case(predictor, spec, case, output_dir, overwrite=overwrite, save_probabilities=save_probabilities,
-                          strict=strict)
-            )
+        started = time.perf_counter()
+        results = run_cases(
+            cases, spec=spec, predict=predictor.predict_logits_from_preprocessed_data, output_dir=output_dir,
+            overwrite=overwrite, save_probabilities=save_probabilities, strict=strict, overlap=overlap,
+            progress=lambda todo: tqdm(todo, desc="cases", unit="case", disable=not progress,
+                                       mininterval=0.1 if sys.stderr.isatty() else 30.0),
+        )
         return InferenceReport(
             results=results, backend=engines.backend, backend_reason=engines.reason, precision=engines.precision,
-            folds=tuple(engines.fold_models), batch_size=batch_size,
+            folds=tuple(engines.fold_models), batch_size=batch_size, overlap=overlap,
+            cases_wall_s=time.perf_counter() - started,
         )
 
 
@@ -348,86 +341,3 @@ def check_scans(
         input_path, ModelNeeds.from_spec(spec) if spec is not None else None, strict=strict,
         file_ending=spec.dataset_json["file_ending"] if spec is not None else ".nii.gz", progress=progress,
     )
-
-
-def output_path(output_dir: Path, case_name: str, file_ending: str) -> Path:
-    return output_dir / f"{case_name}{file_ending}"
-
-
-def _run_case(
-    predictor: EnginePredictor,
-    spec: ModelSpec,
-    case: Case,
-    output_dir: Path,
-    *,
-    overwrite: bool,
-    save_probabilities: bool,
-    strict: bool = False,
-) -> CaseResult:
-    file_ending = spec.dataset_json["file_ending"]
-    target = output_path(output_dir, case.name, file_ending)
-    if target.exists() and not overwrite:
-        logger.debug("%s: %s exists, skipped (use --overwrite to redo).", case.name, target)
-        return CaseResult(case.name, "skipped", target)
-    try:
-        seconds, warnings = _segment_case(predictor, spec, case, target, save_probabilities, strict)
-    except BrokenScanError as error:
-        logger.error("Case %s not segmented: %s.", case.name, error)
-        return CaseResult(case.name, "failed", error=str(error))
-    except (TuckerExportError, RuntimeError, OSError, ValueError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        logger.error("Case %s failed: %s", case.name, message)
-        logger.debug("Traceback of case %s:", case.name, exc_info=True)
-        return CaseResult(case.name, "failed", error=message)
-    logger.debug(
-        "%s: preprocess %.2f s, network %.2f s, export %.2f s", case.name,
-        seconds["preprocess"], seconds["network"], seconds["export"],
-    )
-    for warning in warnings:
-        logger.warning("Case %s: %s.", case.name, warning)
-    return CaseResult(case.name, "done", target, seconds=seconds, warnings=warnings)
-
-
-def _segment_case(
-    predictor: EnginePredictor, spec: ModelSpec, case: Case, target: Path, save_probabilities: bool, strict: bool
-) -> tuple[dict[str, float], list[str]]:
-    from nnunetv2.inference.export_prediction import export_prediction_from_logits
-
-    file_ending = spec.dataset_json["file_ending"]
-    start = time.perf_counter()
-    prepared = preprocess_case(case, spec, strict=strict)
-    preprocessed = time.perf_counter()
-    logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(prepared.data)).cpu()
-    predicted = time.perf_counter()
-    _export_atomically(
-        lambda truncated: export_prediction_from_logits(
-            logits, prepared.properties, spec.configuration_manager, spec.plans_manager, spec.dataset_json,
-            truncated, save_probabilities,
-        ),
-        target,
-        file_ending,
-        extra_suffixes=(".npz", ".pkl") if save_probabilities else (),
-    )
-    exported = time.perf_counter()
-    seconds = {"preprocess": preprocessed - start - prepared.check_seconds, "network": predicted - preprocessed,
-               "export": exported - predicted, "check": prepared.check_seconds}
-    return seconds, prepared.warnings
-
-
-def _export_atomically(write, target: Path, file_ending: str, extra_suffixes: tuple[str, ...]) -> None:
-    """Let nnU-Net write to a hidden temporary name, then rename; nothing partial survives a crash or Ctrl-C."""
-    case_name = target.name[: -len(file_ending)]
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{case_name}.", suffix=".partial", dir=target.parent)
-    os.close(fd)
-    os.unlink(tmp_name)
-    truncated = tmp_name[: -len(".partial")]
-    written = [Path(truncated + file_ending), *(Path(truncated + s) for s in extra_suffixes)]
-    try:
-        write(truncated)
-        for suffix in extra_suffixes:
-            os.replace(truncated + suffix, target.parent / f"{case_name}{suffix}")
-        os.replace(truncated + file_ending, target)
-    finally:
-        for path in written:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
