@@ -77,14 +77,22 @@ def run_cases(
     save_probabilities: bool = False,
     strict: bool = False,
     overlap: bool = True,
+    fast_export: bool = True,
     progress: Callable[[Iterable[Case]], Iterable[Case]] = lambda cases: cases,
 ) -> list[CaseResult]:
     """Segment ``cases`` into ``output_dir``, in order; a failed case is reported and the others go on.
 
     ``predict``: preprocessed data (channels first) -> logits, e.g. an ``EnginePredictor``'s
     ``predict_logits_from_preprocessed_data``. ``overlap=False`` runs every stage in this thread,
-    one case after the other (for measuring what the overlap gains).
+    one case after the other (for measuring what the overlap gains). ``fast_export``: the chunked
+    PyTorch export (``nnunet.fast_export``) where it reproduces stock's, else stock's own.
     """
+    from tucker_export.nnunet.fast_export import export_segmentation, fast_export_unsupported
+
+    stock_reason = "--stock-export" if not fast_export else fast_export_unsupported(
+        spec, save_probabilities=save_probabilities)
+    if stock_reason:
+        logger.debug("Exporting with stock nnU-Net: %s.", stock_reason)
     file_ending = spec.dataset_json["file_ending"]
     results: dict[str, CaseResult] = {}
     todo = []
@@ -105,11 +113,16 @@ def run_cases(
         from nnunetv2.inference.export_prediction import export_prediction_from_logits
 
         started = time.perf_counter()
+
+        def stock(truncated: str) -> None:
+            export_prediction_from_logits(logits, prepared.properties, spec.configuration_manager, spec.plans_manager,
+                                          spec.dataset_json, truncated, save_probabilities)
+
+        def fast(truncated: str) -> None:
+            export_segmentation(logits, prepared.properties, spec, truncated)
+
         export_atomically(
-            lambda truncated: export_prediction_from_logits(
-                logits, prepared.properties, spec.configuration_manager, spec.plans_manager, spec.dataset_json,
-                truncated, save_probabilities,
-            ),
+            stock if stock_reason else fast,
             output_path(output_dir, case.name, file_ending),
             file_ending,
             extra_suffixes=(".npz", ".pkl") if save_probabilities else (),

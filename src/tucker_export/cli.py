@@ -202,11 +202,15 @@ def inspect(model_dir: Path, folds: tuple[str, ...], checkpoint_name: str, trust
 @click.option("--sequential", is_flag=True,
               help="Run each case's stages one after the other (default: the next case is read and preprocessed, "
                    "and the previous one exported, while the network runs; at most one case ahead).")
+@click.option("--stock-export", is_flag=True,
+              help="Export with stock nnU-Net's all-classes scipy resampling instead of the chunked PyTorch one "
+                   "(same interpolation; bit-identical to stock, slower and far larger in memory on big scans).")
 @click.pass_context
 def infer(ctx: click.Context, input_path: Path, output_dir: Path, bundle_path: Path | None, model_dir: Path | None,
           backend: str, precision: str, folds: tuple[str, ...], step_size: float, disable_tta: bool,
           batch_size: str, device: str, save_probabilities: bool, overwrite: bool, trust_checkpoint: bool,
-          report_path: Path | None, threads: int | None, strict: bool, check_only: bool, sequential: bool) -> None:
+          report_path: Path | None, threads: int | None, strict: bool, check_only: bool, sequential: bool,
+          stock_export: bool) -> None:
     """Segment CT scans with a bundle (or a plain nnU-Net model), nnU-Net compatible.
 
     Preprocessing, sliding window, mirroring, fold ensembling and export are nnU-Net's own; only the
@@ -228,7 +232,7 @@ def infer(ctx: click.Context, input_path: Path, output_dir: Path, bundle_path: P
         precision=precision, folds=_split_folds(folds), step_size=step_size, use_mirroring=not disable_tta,
         batch_size=batch_size, device=device, save_probabilities=save_probabilities, overwrite=overwrite,
         progress=ctx.obj["verbosity"] >= 0, trust_checkpoint=trust_checkpoint, threads=threads, strict=strict,
-        overlap=not sequential,
+        overlap=not sequential, fast_export=not stock_export,
     )
     click.echo(report.summary())
     if report_path is not None:

@@ -259,6 +259,7 @@ def run_inference(
     threads: int | None = None,
     strict: bool = False,
     overlap: bool = True,
+    fast_export: bool = True,
 ) -> InferenceReport:
     """Segment every case under ``input_path`` into ``output_dir`` (one file per case, input geometry).
 
@@ -271,6 +272,8 @@ def run_inference(
     ``batch_size="auto"``: see ``auto_batch_size``.
     ``overlap``: prepare the next case and export the previous one while the network runs
     (``tucker_export.case_pipeline``); False runs the stages one after the other.
+    ``fast_export``: resample the logits a few classes at a time in PyTorch with a running argmax
+    (``nnunet.fast_export``) instead of stock's all-classes scipy resampling, where it applies.
     """
     from tqdm import tqdm
 
@@ -301,6 +304,7 @@ def run_inference(
         results = run_cases(
             cases, spec=spec, predict=predictor.predict_logits_from_preprocessed_data, output_dir=output_dir,
             overwrite=overwrite, save_probabilities=save_probabilities, strict=strict, overlap=overlap,
+            fast_export=fast_export,
             progress=lambda todo: tqdm(todo, desc="cases", unit="case", disable=not progress,
                                        mininterval=0.1 if sys.stderr.isatty() else 30.0),
         )

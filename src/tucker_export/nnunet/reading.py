@@ -3,7 +3,8 @@
 Every caller that segments scans (`infer`, `validate`, the OpenVINO calibration tiles) reads a case
 here, so every one of them refuses a broken scan the same way: the integrity checks run on the
 files first, nnU-Net's own reader reads the voxels once, the voxels are checked, and nnU-Net's
-preprocessing runs on the array it read (``run_case_npy``, the second half of ``run_case``).
+preprocessing runs on the array it read (``run_case_npy``, the second half of ``run_case``),
+without the resampling of a label map that inference has not got (``inference_configuration``).
 """
 
 from __future__ import annotations
@@ -51,11 +52,25 @@ def preprocess_case(case: Case, spec, *, strict: bool = False) -> PreparedCase:
     checked += time.perf_counter() - started
     if data.shape[0] != spec.num_input_channels:
         raise InputImageError(f"it has {data.shape[0]} channels, the model needs {spec.num_input_channels}")
-    preprocessor = spec.configuration_manager.preprocessor_class(verbose=False)
-    data, _, properties = preprocessor.run_case_npy(
-        data, None, properties, spec.plans_manager, spec.configuration_manager, spec.dataset_json
-    )
+    manager = inference_configuration(spec.configuration_manager)
+    preprocessor = manager.preprocessor_class(verbose=False)
+    data, _, properties = preprocessor.run_case_npy(data, None, properties, spec.plans_manager, manager, spec.dataset_json)
     return PreparedCase(data, properties, check.warnings, checked)
+
+
+def inference_configuration(manager):
+    """``manager`` with the segmentation resampling switched off, through the plans' own setting.
+
+    Without a label file nnU-Net's preprocessing still resamples the nonzero mask it makes while
+    cropping (a label map, class by class), and then throws it away: 42 % of the preprocessing of
+    the real CT. Inference never uses it, and the data are resampled exactly as before.
+    """
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+
+    configuration = dict(manager.configuration)
+    configuration["resampling_fn_seg"] = "no_resampling_hack"
+    configuration["resampling_fn_seg_kwargs"] = {}
+    return ConfigurationManager(configuration)
 
 
 @contextlib.contextmanager
