@@ -12,7 +12,8 @@ start-up is the rest. Peak RSS is each process's own (``os.wait4``).
 Variants: stock nnU-Net (the reference of every ratio); `infer -m` (the untouched model) on ONNX
 Runtime fp32 and on `auto` (OpenVINO at its gated precision on this CPU), at the default batch
 (`auto`: the mirror variants of a tile in one call), at batch 1, and with `--sequential` (no
-overlap of the next case's preprocessing and the last one's export with the network); `infer -b` with a Tucker
+overlap of the next case's preprocessing and the last one's export with the network), and with
+`--sequential --stock-export` too (stock's scipy export: what `infer` did before either); `infer -b` with a Tucker
 bundle (``--rank-factor``) on ONNX Runtime and on `auto`.
 
 Before timing, every variant runs once untimed on one small demo case: that builds the cached
@@ -156,6 +157,7 @@ def main() -> int:
         "infer -m auto": ["-m", str(model.model_dir)],
         "infer -m auto b1": ["-m", str(model.model_dir), "--batch-size", "1"],
         "infer -m auto sequential": ["-m", str(model.model_dir), "--sequential"],
+        "infer -m auto sequential stock-export": ["-m", str(model.model_dir), "--sequential", "--stock-export"],
         f"infer -b tucker{args.rank_factor} ort fp32": ["-b", str(tucker), "--backend", "ort", "--precision", "fp32"],
         f"infer -b tucker{args.rank_factor} auto": ["-b", str(tucker)],
     }
