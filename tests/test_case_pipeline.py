@@ -35,7 +35,7 @@ def recorder(monkeypatch):
                 alive.discard(name)
             peak["alive"] = max(peak["alive"], len(alive))
 
-    def fake_preprocess(case, spec, *, strict=False):
+    def fake_preprocess(case, spec, **options):
         if case.name == "broken":
             raise BrokenScanError("broken.nii.gz: the gzip stream ends after 10 bytes")
         log("prepared", case.name)
@@ -68,7 +68,7 @@ def test_results_in_order_and_failures_isolated(recorder, tmp_path: Path, overla
     cases = [Case(n, files=[tmp_path / f"{n}.nii.gz"]) for n in names]
     (tmp_path / "out").mkdir()
     results = pipeline.run_cases(cases, spec=SPEC, predict=_predict(recorder), output_dir=tmp_path / "out",
-                                 overlap=overlap)
+                                 overlap=overlap, fast_export=False)
     assert [r.name for r in results] == names
     assert [r.status for r in results] == ["done", "failed", "done", "failed", "done"]
     assert results[1].error.startswith("broken.nii.gz: the gzip stream ends")
@@ -80,7 +80,8 @@ def test_results_in_order_and_failures_isolated(recorder, tmp_path: Path, overla
 def test_at_most_one_case_ahead_and_one_export_in_flight(recorder, tmp_path: Path) -> None:
     cases = [Case(f"case{i}", files=[]) for i in range(8)]
     (tmp_path / "out").mkdir()
-    pipeline.run_cases(cases, spec=SPEC, predict=_predict(recorder), output_dir=tmp_path / "out", overlap=True)
+    pipeline.run_cases(cases, spec=SPEC, predict=_predict(recorder), output_dir=tmp_path / "out", overlap=True,
+                        fast_export=False)
     assert recorder.peak["alive"] <= 3  # one being prepared, one in the network, one being exported
     prepared = [name for kind, name in recorder.events if kind == "prepared"]
     assert prepared == [c.name for c in cases]
@@ -98,6 +99,6 @@ def test_finished_cases_are_skipped_without_being_read(recorder, tmp_path: Path)
     out.mkdir()
     (out / "a.nii.gz").write_bytes(b"old")
     results = pipeline.run_cases([Case("a", files=[]), Case("b", files=[])], spec=SPEC, predict=_predict(recorder),
-                                 output_dir=out)
+                                 output_dir=out, fast_export=False)
     assert [r.status for r in results] == ["skipped", "done"]
     assert ("prepared", "a") not in recorder.events and (out / "a.nii.gz").read_bytes() == b"old"

@@ -45,6 +45,7 @@ class CaseResult:
     error: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    peak_rss_bytes: int | None = None  # the process's high-water mark when the case was written
 
 
 def output_path(output_dir: Path, case_name: str, file_ending: str) -> Path:
@@ -106,7 +107,7 @@ def run_cases(
 
     def prepare(case: Case) -> _Prepared:
         started = time.perf_counter()
-        prepared = preprocess_case(case, spec, strict=strict)
+        prepared = preprocess_case(case, spec, strict=strict, stock_export=bool(stock_reason))
         return _Prepared(prepared, time.perf_counter() - started)
 
     def export(case: Case, logits: torch.Tensor, prepared: PreparedCase) -> float:
@@ -172,7 +173,15 @@ def _finish_export(in_flight, results: dict[str, CaseResult], output_dir: Path, 
     for warning in warnings:
         logger.warning("Case %s: %s.", case.name, warning)
     results[case.name] = CaseResult(case.name, "done", output_path(output_dir, case.name, file_ending),
-                                    seconds=seconds, warnings=warnings)
+                                    seconds=seconds, warnings=warnings, peak_rss_bytes=_process_peak_rss())
+
+
+def _process_peak_rss() -> int | None:
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
 
 
 class _Inline:

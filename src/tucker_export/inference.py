@@ -44,7 +44,9 @@ class InferenceReport:
             "folds": [str(f) for f in self.folds], "batch_size": self.batch_size, "overlap": self.overlap,
             "cases_wall_s": round(self.cases_wall_s, 3),
             "cases": [{"name": r.name, "status": r.status, "output": str(r.output) if r.output else None,
-                       "error": r.error, "warnings": r.warnings, "seconds": r.seconds} for r in self.results],
+                       "error": r.error, "warnings": r.warnings, "seconds": r.seconds,
+                       "peak_rss_mb": round(r.peak_rss_bytes / 1e6) if r.peak_rss_bytes else None}
+                      for r in self.results],
         }
 
     @property
@@ -66,6 +68,9 @@ class InferenceReport:
                 + (" (summed per stage; the next case was prepared and the last one exported during the network)"
                    if self.overlap and len(done) > 1 else "")
             )
+            peaks = [r.peak_rss_bytes for r in done if r.peak_rss_bytes]
+            if peaks:
+                lines.append(f"peak memory (RSS): {max(peaks) / 1e9:.2f} GB")
         for result in self.failed:
             lines.append(f"FAILED {result.name}: {result.error}")
         return "\n".join(lines)

@@ -90,10 +90,14 @@ def test_nonfinite_voxels_are_counted_per_channel() -> None:
 
 
 def test_memory_estimate_grows_with_classes_and_resolution() -> None:
-    base = estimate_peak_bytes((512, 512, 300), (0.8, 0.8, 1.5), (1.5, 1.5, 1.5), channels=1, classes=118)
-    # the export holds two float32 maps per class at the scan's geometry: 2 x 118 x 78.6M voxels x 4 B
-    assert base >= 2 * 118 * 512 * 512 * 300 * 4
-    assert estimate_peak_bytes((512, 512, 300), (0.8, 0.8, 1.5), (1.5, 1.5, 1.5), channels=1, classes=2) < base / 20
+    scan = ((512, 512, 300), (0.8, 0.8, 1.5), (1.5, 1.5, 1.5))
+    model_voxels = 512 * 512 * 300 * (0.8 * 0.8 / 1.5**2)
+    stock = estimate_peak_bytes(*scan, channels=1, classes=118, stock_export=True)
+    # stock's export holds every class's logits in float64 at the model's spacing
+    assert stock >= 118 * model_voxels * 8
+    chunked = estimate_peak_bytes(*scan, channels=1, classes=118)
+    assert 118 * model_voxels * 2 <= chunked < stock / 3  # the fp16 accumulators dominate
+    assert estimate_peak_bytes(*scan, channels=1, classes=2) < chunked / 10
 
 
 def test_a_case_too_large_for_memory_is_refused_before_work(tmp_path: Path) -> None:
@@ -153,6 +157,7 @@ def test_infer_refuses_each_broken_scan_and_segments_the_rest(model_dir: Path, t
     assert [p.name for p in out.iterdir()] == ["good.nii.gz"]  # nothing written for a broken scan
     cases = {c["name"]: c for c in json.loads(report_path.read_text())["cases"]}
     assert cases["good"]["status"] == "done" and "check" in cases["good"]["seconds"]
+    assert cases["good"]["peak_rss_mb"] > 0 and cases["cut"]["peak_rss_mb"] is None
     assert {n for n, c in cases.items() if c["status"] == "failed"} == set(expected)
 
 

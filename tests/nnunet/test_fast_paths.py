@@ -50,7 +50,9 @@ def _smooth_logits(shape, classes: int, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("spacing", [(1.2, 1.0, 1.5), (0.7, 0.7, 3.2)])
 @pytest.mark.parametrize("chunk_bytes", [1 << 30, 1])  # all classes at once; one class per chunk
 def test_fast_export_labels_match_stocks(spec, tmp_path: Path, spacing, chunk_bytes: int) -> None:
-    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+    from nnunetv2.inference.export_prediction import (
+        convert_predicted_logits_to_segmentation_with_correct_shape,
+    )
 
     path = tmp_path / "scan.nii.gz"
     write_ct(path, shape=(14, 40, 36), spacing=spacing)

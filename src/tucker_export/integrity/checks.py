@@ -30,9 +30,10 @@ class ModelNeeds:
     ct_model: bool
     classes: int
     target_spacing: tuple[float, ...]
+    stock_export: bool = False  # the export's memory: stock's all-classes one or the chunked one
 
     @classmethod
-    def from_spec(cls, spec) -> ModelNeeds:
+    def from_spec(cls, spec, *, stock_export: bool = False) -> ModelNeeds:
         manager = spec.configuration_manager
         channel_names = [str(v).lower() for v in spec.dataset_json.get("channel_names", {}).values()]
         ct = "CTNormalization" in list(manager.normalization_schemes) or "ct" in channel_names
@@ -42,6 +43,7 @@ class ModelNeeds:
             ct_model=ct,
             classes=int(spec.label_manager.num_segmentation_heads),
             target_spacing=tuple(float(s) for s in manager.spacing),
+            stock_export=stock_export,
         )
 
 
@@ -81,7 +83,8 @@ def check_case(
         _check_files(case, needs, check)
     if check.ok and needs is not None and check.shape is not None and check.spacing is not None:
         problem = memory_problem(check.shape, check.spacing, needs.target_spacing, channels=needs.num_channels,
-                                 classes=needs.classes, available=available_memory())
+                                 classes=needs.classes, available=available_memory(),
+                                 stock_export=needs.stock_export)
         if problem:
             check.errors.append(problem)
     if strict and check.warnings:

@@ -35,23 +35,33 @@ def estimate_peak_bytes(
     *,
     channels: int,
     classes: int,
+    stock_export: bool = False,
 ) -> int:
-    """Peak bytes of nnU-Net's arrays for one case: read, preprocess, sliding window, export.
+    """Peak bytes of the arrays of one case: read, preprocess, sliding window, export.
 
     ``shape``/``spacing`` are the scan's, ``target_spacing`` the model's (any axis order: only the
-    voxel-count ratio is used). The largest stage is the export: the logits at the model's spacing
-    (fp16 accumulator and its fp32 copy) and, at the scan's geometry, the resampled logits and
-    their softmax, one float32 map per class each. The engine and the process's own memory are
-    not included: they are already in use when the available memory is read.
+    voxel-count ratio is used). The sliding window holds an fp16 accumulator per class at the
+    model's spacing. Stock's export (``stock_export``) then converts those logits to float64 and
+    resamples every class map to the scan's geometry at once, which is the largest stage by far on
+    fine scans with many classes; the chunked export (``nnunet.fast_export``) keeps one chunk of
+    maps (``CHUNK_BYTES``) and two volumes. The engine and the process's own memory are not
+    included: they are already in use when the available memory is read.
     """
+    from tucker_export.nnunet.fast_export import CHUNK_BYTES
+
     scan_voxels = float(np.prod([int(s) for s in shape]))
     ratio = float(np.prod([float(s) for s in spacing]) / np.prod([float(t) for t in target_spacing]))
     model_voxels = scan_voxels * ratio
+    accumulators = (classes + 1) * model_voxels * 2
+    if stock_export:
+        export = accumulators + classes * model_voxels * 8 + classes * scan_voxels * 2 + scan_voxels
+    else:
+        export = accumulators + CHUNK_BYTES + scan_voxels * (4 + 2 + 1)
     stages = (
         channels * scan_voxels * 8,  # the reader's image and nnU-Net's float32 copy
         channels * (scan_voxels + model_voxels) * 4,  # resampling to the model's spacing
-        channels * model_voxels * 4 + (classes + 1) * model_voxels * 2,  # sliding window accumulators
-        classes * model_voxels * (2 + 4) + 2 * classes * scan_voxels * 4 + scan_voxels,  # export
+        channels * model_voxels * 4 + accumulators,  # sliding window
+        export,
     )
     return int(max(stages))
 
@@ -95,11 +105,13 @@ def memory_problem(
     channels: int,
     classes: int,
     available: int | None,
+    stock_export: bool = False,
 ) -> str | None:
     """Why this case would run out of memory, before any work; None when it fits or is unknown."""
     if available is None:
         return None
-    need = estimate_peak_bytes(shape, spacing, target_spacing, channels=channels, classes=classes)
+    need = estimate_peak_bytes(shape, spacing, target_spacing, channels=channels, classes=classes,
+                               stock_export=stock_export)
     if need <= available:
         return None
     size = "x".join(str(int(s)) for s in shape)

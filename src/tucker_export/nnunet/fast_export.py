@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# Bytes of resampled logit maps held at once; each chunk is at least one class.
-CHUNK_BYTES = 1 << 30
+# Bytes of resampling work held at once (each chunk is at least one class): a quarter of what a
+# 118-class model needs at once for a 0.8 mm scan, at no measurable cost in speed.
+CHUNK_BYTES = 512 << 20
 
 
 def fast_export_unsupported(spec, *, save_probabilities: bool) -> str | None:
@@ -71,8 +72,11 @@ def segmentation_from_logits(
                        else [spacing_transposed[0], *manager.spacing])
     kwargs = _torch_resampling_kwargs(manager.configuration)
     classes = logits.shape[0]
-    voxels = int(np.prod(target_shape))
-    per_chunk = max(1, min(classes, chunk_bytes // max(1, 4 * voxels)))
+    # Per class: its float32 map at the target shape, plus the in-plane-first intermediate of an
+    # anisotropic resampling, which can be larger than either end (bounded by the larger axes).
+    larger_axes = np.maximum(np.asarray(target_shape), np.asarray(logits.shape[1:]))
+    per_class = 4 * (int(np.prod(target_shape)) + int(np.prod(larger_axes)))
+    per_chunk = max(1, min(classes, chunk_bytes // per_class))
     best = torch.full(target_shape, -torch.inf, dtype=torch.float32)
     labels = torch.zeros(target_shape, dtype=torch.int16 if classes > 255 else torch.uint8)
     for start in range(0, classes, per_chunk):

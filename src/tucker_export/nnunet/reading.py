@@ -30,13 +30,16 @@ class PreparedCase:
     check_seconds: float = 0.0
 
 
-def preprocess_case(case: Case, spec, *, strict: bool = False) -> PreparedCase:
-    """Check, read and preprocess ``case`` for ``spec``'s model; raises ``BrokenScanError`` with the findings."""
+def preprocess_case(case: Case, spec, *, strict: bool = False, stock_export: bool = False) -> PreparedCase:
+    """Check, read and preprocess ``case`` for ``spec``'s model; raises ``BrokenScanError`` with the findings.
+
+    ``stock_export``: the case will be exported by stock nnU-Net (its memory need is checked for that).
+    """
     from tucker_export.integrity.checks import ModelNeeds, check_case
     from tucker_export.integrity.volume import nonfinite_problems
 
     started = time.perf_counter()
-    check = check_case(case, ModelNeeds.from_spec(spec), strict=strict)
+    check = check_case(case, ModelNeeds.from_spec(spec, stock_export=stock_export), strict=strict)
     if not check.ok:
         raise BrokenScanError(check.message())
     checked = time.perf_counter() - started
