@@ -43,7 +43,7 @@ def main() -> int:
     from tucker_export.integrity.checks import ModelNeeds, check_case
     from tucker_export.integrity.volume import nonfinite_problems
     from tucker_export.nnunet.cases import discover_cases
-    from tucker_export.validation.bench import MachineWatch, describe_verdict, environment
+    from tucker_export.validation.machine import MachineWatch, describe_verdict, environment
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)

@@ -123,7 +123,7 @@ def main() -> int:
     from tucker_export.engines.runners import physical_cores
     from tucker_export.exporter.decompose import decompose_network
     from tucker_export.exporter.ranks import RankPolicy
-    from tucker_export.validation.bench import MachineWatch, describe_verdict, environment
+    from tucker_export.validation.machine import MachineWatch, describe_verdict, environment
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--patches", type=int, nargs="+", default=[64, 128], help="cubic patch edges")

@@ -118,7 +118,7 @@ def _input_sets(model, work: Path, names: list[str], n_cases: int) -> dict[str, 
 
 
 def main() -> int:
-    from tucker_export.validation.bench import MachineWatch, describe_verdict, environment
+    from tucker_export.validation.machine import MachineWatch, describe_verdict, environment
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--inputs", nargs="+", choices=["ct_sm", "ct_full", "ct_sm_x3", "demo"], default=None,

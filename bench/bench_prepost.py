@@ -76,8 +76,8 @@ def _stage(stage: str, model_dir: Path, scan: Path, out: Path) -> dict:
     from tucker_export.nnunet.cases import Case
     from tucker_export.nnunet.loading import load_model_spec
     from tucker_export.nnunet.reading import preprocess_case
-    from tucker_export.validation.bench import _release_freed_memory as release_freed_memory
-    from tucker_export.validation.bench import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+    from tucker_export.validation.timing import _release_freed_memory as release_freed_memory
+    from tucker_export.validation.timing import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 
     spec = load_model_spec(model_dir)
     case = Case("large", files=[scan])
@@ -166,7 +166,7 @@ def main() -> int:
         raise SystemExit(f"the real CT is not at {SHARED}; this benchmark needs it")
 
     from tucker_export.demo import ensure_demo_model
-    from tucker_export.validation.bench import MachineWatch, describe_verdict, environment
+    from tucker_export.validation.machine import MachineWatch, describe_verdict, environment
 
     watch = MachineWatch()
     demo = ensure_demo_model(progress=False)

@@ -1,4 +1,5 @@
-"""`bench`: latency statistics, the bundle report (sizes, counts, skips), the sweep's JSON and PNG, CLI errors.
+"""`bench`: ORT runner latency, option parsers, the bundle report (sizes, counts, skips), the sweep's JSON and PNG,
+CLI errors. Latency statistics and peak memory are in test_timing.py, the quiet verdict in test_machine.py.
 
 Random-weight factory models keep this file fast; they say nothing about accuracy or speed, so no test
 compares timings (a shared CPU makes any "faster than" assertion flaky) and no test expects a Dice.
@@ -19,16 +20,11 @@ from factories import make_model_folder
 from tucker_export.bundle import Bundle
 from tucker_export.cli import _Group
 from tucker_export.errors import ConfigurationError
-from tucker_export.validation.bench import (
-    PeakMemory,
-    bench_bundle,
-    format_bench_report,
-    interleaved_latency,
-    latency,
-    parse_batch_sizes,
-    parse_rank_factors,
-)
+from tucker_export.validation.bench import bench_bundle, format_bench_report
+from tucker_export.validation.bench_common import parse_batch_sizes
 from tucker_export.validation.cli_bench import bench_command
+from tucker_export.validation.sweep import parse_rank_factors
+from tucker_export.validation.timing import latency
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -72,25 +68,6 @@ def _group() -> click.Group:
 # ---- latency ------------------------------------------------------------------------------------
 
 
-def test_latency_statistics_of_a_callable() -> None:
-    shapes: list[tuple[int, ...]] = []
-
-    def network(batch: np.ndarray) -> np.ndarray:
-        shapes.append(batch.shape)
-        return batch * 2.0
-
-    stats = latency(network, (2, 8, 8, 8), batch_sizes=(1, 3), warmup=2, repeats=5)
-    assert sorted(stats) == [1, 3]
-    assert shapes == [(1, 2, 8, 8, 8)] * 7 + [(3, 2, 8, 8, 8)] * 7  # warm-up + timed calls, per batch size
-    for batch, s in stats.items():
-        assert s.batch_size == batch and s.repeats == 5 and s.warmup == 2 and len(s.samples_s) == 5
-        assert s.min_s <= s.p10_s <= s.median_s <= s.p90_s <= s.max_s
-        assert s.iqr_s >= 0 and s.std_s >= 0
-        assert s.per_patch_median_s == pytest.approx(s.median_s / batch)
-        assert s.patches_per_s == pytest.approx(batch / s.median_s)
-        json.dumps(s.to_dict(), allow_nan=False)
-
-
 def test_latency_of_an_onnx_runtime_runner(setup) -> None:
     from tucker_export.engines.runners import OnnxRuntimeRunner
 
@@ -98,27 +75,6 @@ def test_latency_of_an_onnx_runtime_runner(setup) -> None:
         stats = latency(runner, (1, 16, 16, 16), batch_sizes=(2,), warmup=1, repeats=3)
     assert stats[2].min_s <= stats[2].median_s <= stats[2].max_s
     assert stats[2].per_patch_median_s == pytest.approx(stats[2].median_s / 2)
-
-
-def test_interleaved_latency_times_every_target_each_round() -> None:
-    calls: list[str] = []
-    targets = {name: (lambda b, n=name: calls.append(n)) for name in ("a", "b", "c")}
-    stats = interleaved_latency(targets, (1, 4, 4), batch_sizes=(1,), warmup=0, repeats=3)
-    assert set(stats) == {"a", "b", "c"} and all(s[1].repeats == 3 for s in stats.values())
-    # one call per target and round, the order rotating by one each round
-    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    ({"repeats": 0}, "--repeats"),
-    ({"warmup": -1}, "--warmup"),
-    ({"batch_sizes": (0,)}, ">= 1"),
-])
-def test_latency_refuses_bad_counts(kwargs, message) -> None:
-    with pytest.raises(ConfigurationError, match=message):
-        latency(lambda b: b, (1, 4, 4), **kwargs)
-    with pytest.raises(ConfigurationError, match="channels"):
-        latency(lambda b: b, (4,))
 
 
 def test_option_parsers() -> None:
@@ -129,16 +85,6 @@ def test_option_parsers() -> None:
             parse_rank_factors(bad)
     with pytest.raises(ConfigurationError, match="not an integer"):
         parse_batch_sizes("1,two")
-
-
-def test_peak_memory_sees_an_allocation_inside_the_block() -> None:
-    with PeakMemory() as probe:
-        block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
-        del block
-    result = probe.result
-    assert result["peak_rss_bytes"] > 0
-    if result["rss_scope"].startswith("this measurement"):
-        assert result["peak_rss_increase_bytes"] >= 48 * 2**20
 
 
 # ---- one bundle ---------------------------------------------------------------------------------
@@ -267,15 +213,3 @@ def test_cli_refuses_bad_combinations_in_one_sentence(setup, tmp_path: Path, arg
     assert error.startswith("Error: ") and "\n" not in error and "Traceback" not in result.output
     assert message in error
     assert not (tmp_path / "out").exists()
-
-
-def test_quiet_means_a_low_start_load_and_little_cpu_used_by_others() -> None:
-    from tucker_export.validation.bench import MachineWatch, quiet_verdict
-
-    assert quiet_verdict(1.2, 2.4, 2, others_cpu_s=5.0, wall_s=100.0)["quiet"]  # the run's own load at the end
-    assert not quiet_verdict(2.5, 2.4, 2, others_cpu_s=0.0, wall_s=100.0)["quiet"]  # loaded when it started
-    loaded = quiet_verdict(0.5, 2.4, 2, others_cpu_s=30.0, wall_s=100.0)
-    assert not loaded["quiet"] and loaded["others_fraction_of_machine"] == 0.15
-    assert not quiet_verdict(None, None, 2)["quiet"]  # unknown is not quiet
-    verdict = MachineWatch().verdict()
-    assert set(verdict) >= {"loadavg_1min_start", "others_cpu_s", "others_fraction_of_machine", "quiet", "rule"}

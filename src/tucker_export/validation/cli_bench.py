@@ -102,7 +102,8 @@ def bench_command(
     The sweep decomposes the model at each factor, times it, segments the images, and writes a table
     of MACs, parameters, latency and Dice vs the original per structure as JSON and a PNG plot.
     """
-    from tucker_export.validation.bench import parse_batch_sizes, parse_rank_factors
+    from tucker_export.validation.bench_common import parse_batch_sizes
+    from tucker_export.validation.sweep import parse_rank_factors
 
     progress = _show_progress(ctx)
     is_sweep = sweep is not None or demo
@@ -149,13 +150,8 @@ def bench_command(
         if input_path is None:
             raise ConfigurationError("A sweep needs images to segment and compare: -i IMAGES (or --demo).")
         title_model = None
-    from tucker_export.validation.bench import (
-        SWEEP_FACTORS,
-        format_sweep_table,
-        sweep_rank_factors,
-        work_folder,
-        write_sweep_outputs,
-    )
+    from tucker_export.validation.sweep import SWEEP_FACTORS, sweep_rank_factors, work_folder
+    from tucker_export.validation.sweep_report import format_sweep_table, write_sweep_outputs
 
     with work_folder(work_dir) as folder:
         report = sweep_rank_factors(

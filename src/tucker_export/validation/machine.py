@@ -1,0 +1,140 @@
+"""What a benchmark's numbers depend on: the machine and its libraries, and how busy it was meanwhile.
+
+``environment()`` records CPU, threads, library versions, GPUs and the load right now;
+``MachineWatch`` measures the CPU time *other* processes used while a benchmark ran and
+``quiet_verdict`` turns that into a quiet / not-quiet verdict (``describe_verdict`` prints it).
+Nothing here asserts speed: the numbers are measurements of this machine at this moment, and the
+load is recorded beside them.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # pragma: no cover - not available on this platform
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """What the numbers depend on: CPU, threads, library versions, GPUs, and the load right now."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    from tucker_export.engines.runners import physical_cores
+
+    versions: dict[str, str | None] = {}
+    for package in ("tucker-export", "torch", "onnxruntime", "onnxruntime-gpu", "tensorrt", "openvino", "nncf",
+                    "nnunetv2", "numpy"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    from tucker_export.engines.cpu_keys import detect_cpu
+
+    cpu = detect_cpu()  # one read of /proc/cpuinfo: model name and the ISA features the CPU engines key on
+    gpus = []
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            gpus.append({"index": index, "name": props.name, "memory_bytes": int(props.total_memory),
+                         "compute_capability": [props.major, props.minor]})
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu.model_name,
+        "cpu_kind": cpu.to_dict(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "physical_cores": physical_cores(),
+        "torch_threads": torch.get_num_threads(),
+        "onnxruntime_threads": physical_cores(),
+        "loadavg_1min": _loadavg(),
+        "versions": versions,
+        "cuda_devices": gpus,
+    }
+
+
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (user, nice, system, irq, softirq, steal)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    except (OSError, ValueError, IndexError):
+        return None
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (the benchmark's own work)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class MachineWatch:
+    """How busy the machine was with *other* work while a benchmark ran.
+
+    The load average at the end counts the benchmark's own threads (a 2-thread benchmark on 2 cores
+    ends near 2), so it cannot tell a quiet run from a loaded one. The CPU time the machine spent
+    minus the benchmark's own (this process and its children) can: that is what others used.
+    """
+
+    def __init__(self) -> None:
+        self.load_start = _loadavg()
+        self.busy_start = _busy_cpu_seconds()
+        self.own_start = _own_cpu_seconds()
+        self.wall_start = time.perf_counter()
+
+    def verdict(self) -> dict[str, Any]:
+        wall = time.perf_counter() - self.wall_start
+        busy_end = _busy_cpu_seconds()
+        others = None
+        if self.busy_start is not None and busy_end is not None:
+            others = max(0.0, (busy_end - self.busy_start) - (_own_cpu_seconds() - self.own_start))
+        return quiet_verdict(self.load_start, _loadavg(), others_cpu_s=others, wall_s=wall)
+
+
+QUIET_OTHERS_FRACTION = 0.10
+
+
+def describe_verdict(verdict: Mapping[str, Any]) -> str:
+    """One line for the end of a benchmark: the load, what others used, and whether the run may be published."""
+    return (
+        f"load average {verdict['loadavg_1min_start']} -> {verdict['loadavg_1min_end']} on {verdict['cores']} cores, "
+        f"other processes {verdict['others_fraction_of_machine']} of the CPU: "
+        f"{'quiet' if verdict['quiet'] else 'NOT quiet (do not publish)'}"
+    )
+
+
+def quiet_verdict(load_start: float | None, load_end: float | None, cores: int | None = None, *,
+                  others_cpu_s: float | None = None, wall_s: float | None = None) -> dict[str, Any]:
+    """Quiet: the 1-minute load was <= 1 per core when the run started, and other processes used at
+    most 10 % of the machine's CPU time while it ran (when that can be measured).
+
+    On shared machines load distorts even ratios (PyTorch suffers more than ONNX Runtime), so a
+    figure from a loaded run must say so.
+    """
+    cores = cores or os.cpu_count() or 1
+    # Under a second, /proc/stat's 10 ms ticks make the fraction noise.
+    others_fraction = (others_cpu_s / (wall_s * cores)) if others_cpu_s is not None and wall_s and wall_s >= 1.0 else None
+    quiet = (load_start is not None and load_start <= cores) and (
+        others_fraction is None or others_fraction <= QUIET_OTHERS_FRACTION)
+    return {
+        "loadavg_1min_start": load_start, "loadavg_1min_end": load_end, "cores": cores,
+        "others_cpu_s": None if others_cpu_s is None else round(others_cpu_s, 1),
+        "others_fraction_of_machine": None if others_fraction is None else round(others_fraction, 3),
+        "wall_s": None if wall_s is None else round(wall_s, 1), "quiet": bool(quiet),
+        "rule": "quiet when the 1-minute load average is <= 1 per core at the start and other processes used "
+                "<= 10 % of the machine's CPU time during the run (the end load counts the run's own threads)",
+    }
