@@ -20,7 +20,10 @@ import numpy as np
 import pytest
 
 from tucker_export.demo import build as demo_build
+from tucker_export.demo import dataset as demo_dataset
 from tucker_export.demo import demo_cache_dir, ensure_demo_model
+from tucker_export.demo import recipe as demo_recipe
+from tucker_export.demo import training as demo_training
 from tucker_export.errors import DemoBuildError
 
 # --------------------------------------------------------------------------------------------------------------
@@ -44,8 +47,8 @@ def _fake_build(calls: list[float], delay: float = 0.0):
     def build(root: Path, *, progress: bool) -> None:
         calls.append(time.monotonic())
         time.sleep(delay)
-        model_dir = demo_build._model_dir(root)
-        for fold in demo_build.FOLDS:
+        model_dir = demo_recipe._model_dir(root)
+        for fold in demo_recipe.FOLDS:
             (model_dir / f"fold_{fold}").mkdir(parents=True)
             (model_dir / f"fold_{fold}" / "checkpoint_final.pth").write_bytes(b"weights")
         (model_dir / "plans.json").write_text("{}")
@@ -54,8 +57,8 @@ def _fake_build(calls: list[float], delay: float = 0.0):
         (root / "test" / "labelsTs").mkdir(parents=True)
         (root / "test" / "imagesTs" / "case_0000.nii.gz").write_bytes(b"image")
         report = {
-            "recipe_version": demo_build.RECIPE_VERSION,
-            "folds": list(demo_build.FOLDS),
+            "recipe_version": demo_recipe.RECIPE_VERSION,
+            "folds": list(demo_recipe.FOLDS),
             "label_names": {"0": "background", "1": "liver"},
             "dice_per_structure": {"liver": 0.95},
         }
@@ -71,13 +74,13 @@ def test_build_once_then_reuse(monkeypatch, tmp_path: Path) -> None:
     second = ensure_demo_model(tmp_path, progress=False)
     assert len(calls) == 1
     assert first == second
-    assert first.root == tmp_path.resolve() / f"demo-v{demo_build.RECIPE_VERSION}"
+    assert first.root == tmp_path.resolve() / f"demo-v{demo_recipe.RECIPE_VERSION}"
     assert first.dice_per_structure == {"liver": 0.95}
     assert first.label_names == {0: "background", 1: "liver"}
-    assert first.folds == demo_build.FOLDS
+    assert first.folds == demo_recipe.FOLDS
     # Only the finished folder and the lock file remain; no temporary build folder.
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [f"demo-v{demo_build.RECIPE_VERSION}", f".demo-v{demo_build.RECIPE_VERSION}.lock"]
+        [f"demo-v{demo_recipe.RECIPE_VERSION}", f".demo-v{demo_recipe.RECIPE_VERSION}.lock"]
     )
 
 
@@ -127,10 +130,10 @@ def test_failed_build_leaves_no_model_and_raises_demo_build_error(monkeypatch, t
     with pytest.raises(DemoBuildError, match="training exploded") as info:
         ensure_demo_model(tmp_path, progress=False)
     assert "failed-build.log" in str(info.value)
-    assert not (tmp_path / f"demo-v{demo_build.RECIPE_VERSION}").exists()
-    assert not list(tmp_path.glob(f".demo-v{demo_build.RECIPE_VERSION}.build-*"))
+    assert not (tmp_path / f"demo-v{demo_recipe.RECIPE_VERSION}").exists()
+    assert not list(tmp_path.glob(f".demo-v{demo_recipe.RECIPE_VERSION}.build-*"))
     assert (
-        (tmp_path / f"demo-v{demo_build.RECIPE_VERSION}-failed-build.log").read_text().startswith("nnU-Net")
+        (tmp_path / f"demo-v{demo_recipe.RECIPE_VERSION}-failed-build.log").read_text().startswith("nnU-Net")
     )
 
 
@@ -139,12 +142,12 @@ def test_incomplete_or_stale_folders_are_rebuilt(monkeypatch, tmp_path: Path) ->
     monkeypatch.setattr(demo_build, "_build", _fake_build(calls))
     model = ensure_demo_model(tmp_path, progress=False)
     # A crashed build's leftovers and a model missing a checkpoint.
-    (tmp_path / f".demo-v{demo_build.RECIPE_VERSION}.build-crashed").mkdir()
+    (tmp_path / f".demo-v{demo_recipe.RECIPE_VERSION}.build-crashed").mkdir()
     (model.model_dir / f"fold_{model.folds[0]}" / "checkpoint_final.pth").unlink()
     rebuilt = ensure_demo_model(tmp_path, progress=False)
     assert len(calls) == 2
     assert (rebuilt.model_dir / f"fold_{model.folds[0]}" / "checkpoint_final.pth").is_file()
-    assert not (tmp_path / f".demo-v{demo_build.RECIPE_VERSION}.build-crashed").exists()
+    assert not (tmp_path / f".demo-v{demo_recipe.RECIPE_VERSION}.build-crashed").exists()
     # A report from another recipe version is not reused either.
     report = json.loads(rebuilt.report_path.read_text())
     report["recipe_version"] = -1
@@ -156,7 +159,7 @@ def test_incomplete_or_stale_folders_are_rebuilt(monkeypatch, tmp_path: Path) ->
 def test_environment_is_scoped(monkeypatch) -> None:
     monkeypatch.setenv("nnUNet_raw", "/caller/raw")
     monkeypatch.delenv("nnUNet_results", raising=False)
-    with demo_build._environment({"nnUNet_raw": "/build/raw", "nnUNet_results": "/build/results"}):
+    with demo_training._environment({"nnUNet_raw": "/build/raw", "nnUNet_results": "/build/results"}):
         assert os.environ["nnUNet_raw"] == "/build/raw"
         assert os.environ["nnUNet_results"] == "/build/results"
     assert os.environ["nnUNet_raw"] == "/caller/raw"
@@ -200,14 +203,14 @@ def test_derived_plans_are_small_standard_unet() -> None:
         "shapes_after_crop": [[30, 46, 46], [15, 46, 46]],
         "spacings": [[1.5, 1.5, 1.5], [3.0, 1.5, 1.5]],
     }
-    demo, summary = demo_build._derive_demo_plans(plans, fingerprint)
+    demo, summary = demo_dataset._derive_demo_plans(plans, fingerprint)
     cfg = demo["configurations"]["3d_fullres"]
     assert list(demo["configurations"]) == ["3d_fullres"]
-    assert demo["plans_name"] == demo_build.PLANS_NAME
+    assert demo["plans_name"] == demo_recipe.PLANS_NAME
     assert cfg["patch_size"] == [32, 48, 48]  # smallest multiple of 8 covering every resampled case
     kwargs = cfg["architecture"]["arch_kwargs"]
-    assert kwargs["n_stages"] == len(demo_build.FEATURES_PER_STAGE) == 4
-    assert kwargs["features_per_stage"] == list(demo_build.FEATURES_PER_STAGE)
+    assert kwargs["n_stages"] == len(demo_recipe.FEATURES_PER_STAGE) == 4
+    assert kwargs["features_per_stage"] == list(demo_recipe.FEATURES_PER_STAGE)
     assert summary["patch_size"] == [32, 48, 48]
     assert plans["configurations"]["3d_fullres"]["patch_size"] == [32, 64, 64]  # input untouched
 
