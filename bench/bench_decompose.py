@@ -116,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from tucker_export.exporter.ranks import RankPolicy
+    from tucker_export.validation.machine import MachineWatch, describe_verdict, environment
 
+    watch = MachineWatch()
     load_at_start = os.getloadavg()
     network = build_totalsegmentator_network()
     policy = RankPolicy(mode="relative", factor=0.3)
@@ -191,9 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         check = report["real_count_check"]
         print(f"  real CPU forward at 64^3 counts {check['real_macs'] / g:.2f} GMACs, meta pass "
               f"{check['meta_macs'] / g:.2f} GMACs: {'equal' if check['equal'] else 'DIFFERENT'}")
+    report["command"] = " ".join([Path(sys.executable).name, *sys.argv])
+    report["environment"] = environment()
+    report["machine_load"] = watch.verdict()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"  written to {args.out}")
+    print(f"  {describe_verdict(report['machine_load'])}; written to {args.out}")
     return 0 if math.isfinite(times[0]) else 1
 
 

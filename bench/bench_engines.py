@@ -3,9 +3,9 @@
     python bench/bench_engines.py [--patches 64 128] [--repeats 5 2] [--threads N] [--factor 0.3]
                                   [--no-variants] [--out bench/results/engines.json]
 
-Results of the committed runs: bench/results/engines.json (2 threads, both patch sizes, session
-variants) and bench/results/engines_threads1.json (1 thread, 64^3), both on the shared 2-core CI
-machine while other jobs ran (load averages are recorded in each file).
+Results: bench/results/engines.json (2 threads, both patch sizes, session variants) and
+bench/results/engines_threads1.json (1 thread, 64^3); each file holds the machine block and the
+load verdict (quiet only when the load started <= 1 per core and others used <= 10 % of the CPU).
 
 The network is what nnU-Net builds for TotalSegmentator's 3d_fullres plans: PlainConvUNet, 6 stages,
 features 32-64-128-256-320-320, kernel 3, 2 convs per stage, 118 outputs, one input channel,
@@ -130,7 +130,12 @@ def main() -> int:
         flush=True,
     )
 
+    from tucker_export.validation.machine import MachineWatch, describe_verdict, environment
+
+    watch = MachineWatch()
     results: dict[str, object] = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "environment": environment(),
         "network": "PlainConvUNet 6 stages 32-64-128-256-320-320, kernel 3, 2 convs/stage, 118 classes, nnU-Net init",
         "rank_policy": policy.to_manifest(),
         "threads": threads,
@@ -253,9 +258,10 @@ def main() -> int:
             f"{base / e['ort_tucker']['median_cpu_s']:.2f}x, tucker/orig in ORT "
             f"{e['ort_original']['median_cpu_s'] / e['ort_tucker']['median_cpu_s']:.2f}x (MACs {e['macs_ratio']:.2f}x)"
         )
+    results["machine_load"] = watch.verdict()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nWrote {args.out}")
+    print(f"\n{describe_verdict(results['machine_load'])}; wrote {args.out}")
     return 0
 
 

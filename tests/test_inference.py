@@ -121,16 +121,25 @@ def test_bundle_and_model_are_exclusive(model_dir: Path, tmp_path: Path) -> None
         run_inference(tmp_path, tmp_path / "o", progress=False)
 
 
-def test_interrupted_export_leaves_no_file(model_dir: Path, input_dir: Path, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("fast_export", [True, False])
+def test_interrupted_export_leaves_no_file(model_dir: Path, input_dir: Path, tmp_path: Path, monkeypatch,
+                                           fast_export: bool) -> None:
+    """Ctrl-C while writing (in the export worker thread): no file, partial or whole, is left."""
     import nnunetv2.inference.export_prediction as export_module
 
+    import tucker_export.nnunet.fast_export as fast_module
+
     def crash(*args, **kwargs):
+        partial = next(a for a in args if isinstance(a, str))  # the truncated output name, the only str argument
+        Path(partial + ".nii.gz").write_bytes(b"half a file")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(export_module, "export_prediction_from_logits", crash)
+    monkeypatch.setattr(fast_module, "export_segmentation", crash)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        run_inference(input_dir, out, model_dir=model_dir, backend="torch", progress=False, use_mirroring=False)
+        run_inference(input_dir, out, model_dir=model_dir, backend="torch", progress=False, use_mirroring=False,
+                      fast_export=fast_export)
     assert list(out.iterdir()) == []
 
 

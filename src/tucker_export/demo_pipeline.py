@@ -38,6 +38,7 @@ class DemoReport:
     seconds_engine_build: float = 0.0
     network_seconds_original: float = 0.0
     network_seconds_tucker: float = 0.0
+    machine_load: str = ""  # the load while the timings were taken: they mean little on a busy machine
 
     @property
     def speedup(self) -> float:
@@ -68,7 +69,9 @@ def run_demo_pipeline(model: DemoModel, *, work_dir: Path | None = None, progres
     from tucker_export.exporter.onnx_export import export_bundle
     from tucker_export.exporter.ranks import RankPolicy
     from tucker_export.inference import run_inference
+    from tucker_export.validation.machine import MachineWatch, describe_verdict
 
+    watch = MachineWatch()
     work_dir = Path(work_dir) if work_dir is not None else model.root / "pipeline"
     bundle_dir = work_dir / f"bundle-rank{RANK_FACTOR}"
     logger.info("Decomposing %s at rank factor %s into %s", model.model_dir, RANK_FACTOR, bundle_dir)
@@ -116,6 +119,7 @@ def run_demo_pipeline(model: DemoModel, *, work_dir: Path | None = None, progres
         seconds_engine_build=seconds_engine,
         network_seconds_original=_network_seconds(original),
         network_seconds_tucker=_network_seconds(tucker),
+        machine_load=describe_verdict(watch.verdict()),
     )
 
 
@@ -148,6 +152,7 @@ def format_demo_report(report: DemoReport) -> str:
         f"{report.network_seconds_original:.1f} s), Tucker in {report.tucker_engine} {report.seconds_tucker_ort:.1f} s "
         f"(network {report.network_seconds_tucker:.1f} s): {report.speedup:.2f}x",
         "(the phantoms are one patch each, so fixed costs dominate; see the README's real-CT benchmark)",
+        *([f"machine: {report.machine_load}"] if report.machine_load else []),
         "",
         f"{'structure':<16}{'Tucker vs original':>20}{'Tucker vs ref':>15}{'original vs ref':>17}",
     ]

@@ -56,7 +56,8 @@ def estimate_peak_bytes(
     if stock_export:
         export = accumulators + classes * model_voxels * 8 + classes * scan_voxels * 2 + scan_voxels
     else:
-        export = accumulators + CHUNK_BYTES + scan_voxels * (4 + 2 + 1)
+        chunk = min(CHUNK_BYTES, classes * 4 * (scan_voxels + max(scan_voxels, model_voxels)))
+        export = accumulators + chunk + scan_voxels * (4 + 2 + 1)
     stages = (
         channels * scan_voxels * 8,  # the reader's image and nnU-Net's float32 copy
         channels * (scan_voxels + model_voxels) * 4,  # resampling to the model's spacing
