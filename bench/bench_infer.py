@@ -44,17 +44,36 @@ SHARED = REPO.parent / "shared" / "data" / "totalsegmentator-example"
 BIN = Path(sys.executable).parent
 
 
-def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """Wall seconds and the process's own peak RSS in bytes."""
+def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
+    """Wall seconds, the process's own peak RSS in bytes, and what it printed."""
     started = time.perf_counter()
-    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - started
-    stderr = process.stderr.read() if process.stderr else ""
+    with tempfile.TemporaryFile("w+") as stdout_file, tempfile.TemporaryFile("w+") as stderr_file:
+        process = subprocess.Popen(cmd, env=env, stdout=stdout_file, stderr=stderr_file, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - started
+        stdout_file.seek(0)
+        stderr_file.seek(0)
+        stdout, stderr = stdout_file.read(), stderr_file.read()
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise SystemExit(f"command failed ({process.returncode}): {' '.join(cmd)}\n{stderr[-3000:]}")
-    return seconds, int(usage.ru_maxrss) * 1024
+    return seconds, int(usage.ru_maxrss) * 1024, stdout
+
+
+# Stock nnU-Net in one process with its own clock: start-up (interpreter, imports, model load) is
+# the process's wall time minus the time inside ``predict_from_files``, as `nnUNetv2_predict` calls it.
+_STOCK_IN_PROCESS = """
+import json, sys, time
+import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+model_dir, folder, out, tta = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=tta, device=torch.device("cpu"), allow_tqdm=False)
+predictor.initialize_from_trained_model_folder(model_dir, use_folds=(0,))
+started = time.perf_counter()
+predictor.predict_from_files(folder, out, save_probabilities=False, overwrite=True,
+                             num_processes_preprocessing=3, num_processes_segmentation_export=3)
+print(json.dumps({"cases_wall_s": time.perf_counter() - started}))
+"""
 
 
 def _report_path(out: Path) -> Path:
@@ -64,7 +83,7 @@ def _report_path(out: Path) -> Path:
 
 def _stages(report_path: Path) -> dict[str, float]:
     cases = json.loads(report_path.read_text())["cases"]
-    return {k: round(sum(c["seconds"].get(k, 0.0) for c in cases), 3) for k in ("check", "preprocess", "network", "export")}
+    return {k: round(sum(c["seconds"].get(k, 0.0) for c in cases), 3) for k in ("check", "read", "preprocess", "network", "export")}
 
 
 def _dice_per_class(reference_dir: Path, candidate_dir: Path) -> dict[str, float]:
@@ -160,6 +179,7 @@ def main() -> int:
         "infer -m auto sequential stock-export": ["-m", str(model.model_dir), "--sequential", "--stock-export"],
         f"infer -b tucker{args.rank_factor} ort fp32": ["-b", str(tucker), "--backend", "ort", "--precision", "fp32"],
         f"infer -b tucker{args.rank_factor} auto": ["-b", str(tucker)],
+        "stock in-process": [sys.executable, "-c", _STOCK_IN_PROCESS, str(model.model_dir)],
     }
 
     if args.variants:
@@ -169,6 +189,8 @@ def main() -> int:
         variants = {k: v for k, v in variants.items() if k.startswith("stock") or k in args.variants}
 
     def command(name: str, folder: Path, out: Path) -> list[str]:
+        if name == "stock in-process":
+            return [*variants[name], str(folder), str(out), "0" if args.disable_tta else "1"]
         if name.startswith("stock"):
             return [*variants[name], "-i", str(folder), "-o", str(out)]
         return [str(BIN / "tucker-export"), "-q", "infer", "-i", str(folder), "-o", str(out), *variants[name], "-f", "0",
@@ -192,8 +214,12 @@ def main() -> int:
             rotated = order[round_index % len(order):] + order[:round_index % len(order)]
             for name in rotated:
                 out = work / f"out-{set_name}" / name.replace(" ", "_")
-                seconds, peak = _run(command(name, folder, out), env)
+                seconds, peak, stdout = _run(command(name, folder, out), env)
                 row: dict[str, object] = {"wall_s": round(seconds, 2), "peak_rss_mb": round(peak / 1e6)}
+                if name == "stock in-process":
+                    cases_wall = json.loads(stdout.strip().splitlines()[-1])["cases_wall_s"]
+                    row["cases_wall_s"] = round(cases_wall, 2)
+                    row["startup_and_rest_s"] = round(seconds - cases_wall, 2)
                 if not name.startswith("stock"):
                     stages = _stages(_report_path(out))
                     row.update(stages)
@@ -226,11 +252,12 @@ def main() -> int:
     for set_name, table in results["sets"].items():  # type: ignore[union-attr]
         print(f"== {set_name} ({'no TTA' if args.disable_tta else 'mirroring TTA'}, fold 0, median of {args.repeats}) ==")
         print(f"{'variant':<30}{'engine':>15}{'wall s':>8}{'vs stock':>10}{'min Dice':>10}{'RSS MB':>8}   "
-              "preprocess / network / export / start-up s")
+              "read / preprocess / network / export / start-up s")
         for name, entry in table.items():
             m = entry["median"]
-            split = (" / ".join(f"{m[k]:.1f}" for k in ("preprocess", "network", "export", "startup_and_rest_s"))
-                     if "network" in m else "-")
+            split = (" / ".join(f"{m[k]:.1f}" for k in ("read", "preprocess", "network", "export", "startup_and_rest_s"))
+                     if "network" in m else (f"in predict_from_files {m['cases_wall_s']:.1f}, start-up "
+                                             f"{m['startup_and_rest_s']:.1f}" if "cases_wall_s" in m else "-"))
             dice = f"{m['dice_vs_stock_min']:.3f}" if m.get("dice_vs_stock_min") is not None else "-"
             print(f"{name:<30}{m.get('engine', 'nnU-Net torch'):>15}{m['wall_s']:>8.1f}{m['speedup_vs_stock']:>9.2f}x"
                   f"{dice:>10}{m['peak_rss_mb']:>8.0f}   {split}")

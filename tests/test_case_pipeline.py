@@ -74,7 +74,7 @@ def test_results_in_order_and_failures_isolated(recorder, tmp_path: Path, overla
     assert results[1].error.startswith("broken.nii.gz: the gzip stream ends")
     assert results[3].error == "disk full"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.nii.gz", "b.nii.gz", "c.nii.gz"]
-    assert set(results[0].seconds) == {"check", "preprocess", "network", "export"}
+    assert set(results[0].seconds) == {"check", "read", "preprocess", "network", "export"}
 
 
 def test_at_most_one_case_ahead_and_one_export_in_flight(recorder, tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from tucker_export.nnunet.reading import PreparedCase, preprocess_case
 logger = logging.getLogger(__name__)
 
 Status = Literal["done", "skipped", "failed"]
-STAGES = ("check", "preprocess", "network", "export")
+STAGES = ("check", "read", "preprocess", "network", "export")
 _CASE_ERRORS = (TuckerExportError, RuntimeError, OSError, ValueError)
 
 
@@ -149,7 +149,8 @@ def run_cases(
                 continue
             seconds = {
                 "check": ready.prepared.check_seconds,
-                "preprocess": ready.seconds - ready.prepared.check_seconds,
+                "read": ready.prepared.read_seconds,
+                "preprocess": ready.seconds - ready.prepared.check_seconds - ready.prepared.read_seconds,
                 "network": time.perf_counter() - started,
             }
             if in_flight is not None:  # one export at a time: bounded memory

@@ -134,7 +134,7 @@ def test_bench_bundle_end_to_end_per_case(setup) -> None:
     assert e2e is not None and e2e.settings["mirroring"] is False and e2e.settings["folds"] == ["0", "1"]
     (case,) = e2e.cases
     assert case["case"] == "case0" and case["status"] == "done"
-    parts = [case["check_s"], case["preprocess_s"], case["network_s"], case["export_s"]]
+    parts = [case["check_s"], case["read_s"], case["preprocess_s"], case["network_s"], case["export_s"]]
     assert all(p >= 0 for p in parts) and case["total_s"] == pytest.approx(sum(parts))
     assert e2e.summary["done"] == 1 and e2e.memory["peak_rss_bytes"] > 0
 

@@ -28,6 +28,7 @@ class PreparedCase:
     properties: dict
     warnings: list[str] = field(default_factory=list)
     check_seconds: float = 0.0
+    read_seconds: float = 0.0
 
 
 def preprocess_case(case: Case, spec, *, strict: bool = False, stock_export: bool = False) -> PreparedCase:
@@ -44,9 +45,11 @@ def preprocess_case(case: Case, spec, *, strict: bool = False, stock_export: boo
         raise BrokenScanError(check.message())
     checked = time.perf_counter() - started
     file_ending = spec.dataset_json["file_ending"]
+    started = time.perf_counter()
     with case_input_files(case, file_ending) as files:
         reader = spec.plans_manager.image_reader_writer_class()
         data, properties = reader.read_images([str(f) for f in files])
+    read = time.perf_counter() - started
     started = time.perf_counter()
     shown = [Path(f"{case.dicom_dir.name}/")] if case.dicom_dir is not None else case.files
     problems = nonfinite_problems(data, shown)
@@ -58,7 +61,7 @@ def preprocess_case(case: Case, spec, *, strict: bool = False, stock_export: boo
     manager = inference_configuration(spec.configuration_manager)
     preprocessor = manager.preprocessor_class(verbose=False)
     data, _, properties = preprocessor.run_case_npy(data, None, properties, spec.plans_manager, manager, spec.dataset_json)
-    return PreparedCase(data, properties, check.warnings, checked)
+    return PreparedCase(data, properties, check.warnings, checked, read)
 
 
 def inference_configuration(manager):

@@ -238,7 +238,7 @@ def _runtime_description(runner: Any) -> str:
 def _end_to_end_summary(cases: list[dict[str, Any]]) -> dict[str, Any]:
     done = [c for c in cases if c["status"] == "done"]
     summary: dict[str, Any] = {"cases": len(cases), "done": len(done), "failed": len(cases) - len(done)}
-    for key in ("check_s", "preprocess_s", "network_s", "export_s", "total_s"):
+    for key in ("check_s", "read_s", "preprocess_s", "network_s", "export_s", "total_s"):
         values = [c[key] for c in done if c.get(key) is not None]
         summary[f"{key[:-2]}_sum_s"] = float(sum(values)) if values else None
         summary[f"{key[:-2]}_mean_s"] = float(np.mean(values)) if values else None
@@ -279,7 +279,7 @@ def end_to_end(
         seconds = result.seconds
         cases.append({
             "case": result.name, "status": result.status, "error": result.error,
-            "check_s": seconds.get("check"), "preprocess_s": seconds.get("preprocess"), "network_s": seconds.get("network"),
+            "check_s": seconds.get("check"), "read_s": seconds.get("read"), "preprocess_s": seconds.get("preprocess"), "network_s": seconds.get("network"),
             "export_s": seconds.get("export"),
             "total_s": sum(seconds.values()) if seconds else None,
         })

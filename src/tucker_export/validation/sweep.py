@@ -35,7 +35,7 @@ from tucker_export.validation.bench import (
     end_to_end,
 )
 from tucker_export.validation.bench_common import DEFAULT_SEED, _check_counts, parse_batch_sizes
-from tucker_export.validation.machine import environment
+from tucker_export.validation.machine import MachineWatch, environment
 from tucker_export.validation.sweep_report import SweepReport, SweepRow, plot_sweep
 from tucker_export.validation.timing import LatencyStats, interleaved_latency
 
@@ -191,6 +191,7 @@ def sweep_rank_factors(
 
     plan: list[float | None] = [None, *chosen_factors]
     label_of = {f: BASELINE_LABEL if f is None else f"{f:g}" for f in plan}
+    watch = MachineWatch()
 
     bundles, spec, file_ending, found, cases = _sweep_bundles(
         plan, label_of, model_dir=model_dir, work_dir=work_dir, selected=selected, round_to=round_to,
@@ -237,6 +238,7 @@ def sweep_rank_factors(
         structures=structures,
         cases=cases,
         rows=rows,
+        machine_load=watch.verdict(),
     )
     if json_path is not None:
         write_json_atomic(json_path, report.to_dict())

@@ -60,6 +60,7 @@ class SweepReport:
     structures: list[str]
     cases: list[str]
     rows: list[SweepRow]
+    machine_load: dict[str, Any] | None = None  # MachineWatch's verdict over the whole sweep
 
     @property
     def baseline(self) -> SweepRow:
@@ -83,6 +84,7 @@ class SweepReport:
                 "dice_vs_truth": "the same against the ground-truth labels",
             },
             "rows": [row.to_dict() for row in self.rows],
+            "machine_load": _json_safe(self.machine_load),
         }
 
 
@@ -127,6 +129,10 @@ def format_sweep_table(report: SweepReport | Mapping[str, Any]) -> str:
     lines.extend(_table(["factor", *structures], rows, "l" + "r" * len(structures)))
     if any(v is None for row in data["rows"] for v in row["dice_vs_original"].values()):
         lines.append("- : the structure is in neither segmentation of any case")
+    if data.get("machine_load"):
+        from tucker_export.validation.machine import describe_verdict
+
+        lines.append(f"machine: {describe_verdict(data['machine_load'])}")
     return "\n".join(lines)
 
 
