@@ -43,7 +43,7 @@ def main() -> int:
     from tucker_export.integrity.checks import ModelNeeds, check_case
     from tucker_export.integrity.volume import nonfinite_problems
     from tucker_export.nnunet.cases import discover_cases
-    from tucker_export.validation.machine import MachineWatch, describe_verdict, environment
+    from tucker_export.validation.machine import MachineWatch, write_benchmark_json
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -91,12 +91,8 @@ def main() -> int:
         print(f"{source.name}: checks {checks_s * 1000:.0f} ms alone (nnU-Net's read {read_s * 1000:.0f} ms); in infer "
               f"{seconds['check'] * 1000:.0f} ms of a {case_total:.1f} s case ({100 * rows[source.name]['check_share_of_case']:.2f} %)"
               f", {wall:.1f} s wall", flush=True)
-    verdict = watch.verdict()
-    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "environment": environment(),
-               "engine": "infer -m DEMO -f 0 (auto, mirroring on)", "files": rows, "machine_load": verdict}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"{describe_verdict(verdict)}; wrote {args.out}")
+    results = {"engine": "infer -m DEMO -f 0 (auto, mirroring on)", "files": rows}
+    print(write_benchmark_json(args.out, results, watch))
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -27,8 +27,6 @@ CPU while it ran.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -123,7 +121,7 @@ def main() -> int:
     from tucker_export.engines.runners import physical_cores
     from tucker_export.exporter.decompose import decompose_network
     from tucker_export.exporter.ranks import RankPolicy
-    from tucker_export.validation.machine import MachineWatch, describe_verdict, environment
+    from tucker_export.validation.machine import MachineWatch, environment, write_benchmark_json
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--patches", type=int, nargs="+", default=[64, 128], help="cubic patch edges")
@@ -142,7 +140,6 @@ def main() -> int:
     decompose_network(tucker, (1, args.patches[0], args.patches[0], args.patches[0]),
                       RankPolicy(mode="relative", factor=args.factor, round_to=8))
     results: dict[str, object] = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "threads": threads, "factor": args.factor, "environment": environment(), "patches": {},
     }
     with tempfile.TemporaryDirectory(prefix="bench-cpu-engines-") as tmp:
@@ -168,13 +165,8 @@ def main() -> int:
             for name, row in table.items():
                 gain = f"{row['tucker_vs_original_same_engine']:.2f}x" if row["tucker_vs_original_same_engine"] else ""
                 print(f"{name:<26}{row['median_s']:>10.3f}{row['speedup_vs_stock_pytorch_fp32']:>9.2f}x{gain:>13}")
-            results["machine_load"] = watch.verdict()
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(results, indent=2) + "\n")
-    verdict = watch.verdict()
-    results["machine_load"] = verdict
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\n{describe_verdict(verdict)}; wrote {args.out}")
+            write_benchmark_json(args.out, results, watch)  # after each patch size
+    print("\n" + write_benchmark_json(args.out, results, watch))
     return 0
 
 

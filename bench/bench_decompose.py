@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import platform
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from tucker_export.exporter.ranks import RankPolicy
-    from tucker_export.validation.machine import MachineWatch, describe_verdict, environment
+    from tucker_export.validation.machine import MachineWatch, write_benchmark_json
 
     watch = MachineWatch()
     load_at_start = os.getloadavg()
@@ -193,12 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         check = report["real_count_check"]
         print(f"  real CPU forward at 64^3 counts {check['real_macs'] / g:.2f} GMACs, meta pass "
               f"{check['meta_macs'] / g:.2f} GMACs: {'equal' if check['equal'] else 'DIFFERENT'}")
-    report["command"] = " ".join([Path(sys.executable).name, *sys.argv])
-    report["environment"] = environment()
-    report["machine_load"] = watch.verdict()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"  {describe_verdict(report['machine_load'])}; written to {args.out}")
+    print("  " + write_benchmark_json(args.out, report, watch))
     return 0 if math.isfinite(times[0]) else 1
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -130,11 +129,10 @@ def main() -> int:
         flush=True,
     )
 
-    from tucker_export.validation.machine import MachineWatch, describe_verdict, environment
+    from tucker_export.validation.machine import MachineWatch, environment, write_benchmark_json
 
     watch = MachineWatch()
     results: dict[str, object] = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "environment": environment(),
         "network": "PlainConvUNet 6 stages 32-64-128-256-320-320, kernel 3, 2 convs/stage, 118 classes, nnU-Net init",
         "rank_policy": policy.to_manifest(),
@@ -258,10 +256,7 @@ def main() -> int:
             f"{base / e['ort_tucker']['median_cpu_s']:.2f}x, tucker/orig in ORT "
             f"{e['ort_original']['median_cpu_s'] / e['ort_tucker']['median_cpu_s']:.2f}x (MACs {e['macs_ratio']:.2f}x)"
         )
-    results["machine_load"] = watch.verdict()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\n{describe_verdict(results['machine_load'])}; wrote {args.out}")
+    print("\n" + write_benchmark_json(args.out, results, watch))
     return 0
 
 

@@ -137,7 +137,7 @@ def _input_sets(model, work: Path, names: list[str], n_cases: int) -> dict[str, 
 
 
 def main() -> int:
-    from tucker_export.validation.machine import MachineWatch, describe_verdict, environment
+    from tucker_export.validation.machine import MachineWatch, environment, write_benchmark_json
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--inputs", nargs="+", choices=["ct_sm", "ct_full", "ct_sm_x3", "demo"], default=None,
@@ -201,7 +201,6 @@ def main() -> int:
         _run(command(name, warm, work / "out-warmup" / name.replace(" ", "_")), env)
 
     results: dict[str, object] = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "settings": {"rank_factor": args.rank_factor, "folds": [0], "tta": not args.disable_tta,
                      "repeats": args.repeats, "inputs": list(inputs)},
         "environment": environment(),
@@ -244,9 +243,7 @@ def main() -> int:
                 median["engine"] = f"{backend.get('backend')} {backend.get('precision')}"  # type: ignore[assignment]
             table[name] = {"median": median, "runs": rows}
         results["sets"][set_name] = table  # type: ignore[index]
-        results["machine_load"] = watch.verdict()
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")  # after each set: a stopped run keeps what it measured
+        write_benchmark_json(args.out, results, watch)  # after each set: a stopped run keeps what it measured
 
     print()
     for set_name, table in results["sets"].items():  # type: ignore[union-attr]
@@ -261,10 +258,7 @@ def main() -> int:
             dice = f"{m['dice_vs_stock_min']:.3f}" if m.get("dice_vs_stock_min") is not None else "-"
             print(f"{name:<30}{m.get('engine', 'nnU-Net torch'):>15}{m['wall_s']:>8.1f}{m['speedup_vs_stock']:>9.2f}x"
                   f"{dice:>10}{m['peak_rss_mb']:>8.0f}   {split}")
-    verdict = watch.verdict()
-    results["machine_load"] = verdict
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\n{describe_verdict(verdict)}; wrote {args.out}")
+    print("\n" + write_benchmark_json(args.out, results, watch))
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -166,7 +166,7 @@ def main() -> int:
         raise SystemExit(f"the real CT is not at {SHARED}; this benchmark needs it")
 
     from tucker_export.demo import ensure_demo_model
-    from tucker_export.validation.machine import MachineWatch, describe_verdict, environment
+    from tucker_export.validation.machine import MachineWatch, environment, write_benchmark_json
 
     watch = MachineWatch()
     demo = ensure_demo_model(progress=False)
@@ -190,7 +190,6 @@ def main() -> int:
 
     image = sitk.ReadImage(str(scan))
     results = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "input": {"size": list(image.GetSize()), "spacing": list(image.GetSpacing()), "classes": args.classes,
                   "model_spacing": args.spacing},
         "stages": stages, "ratios": ratios, "environment": environment(),
@@ -202,10 +201,7 @@ def main() -> int:
         for name, entry in results["real_ct_fast_vs_stock_export"].items():
             print(f"{name}: min Dice fast vs stock export {entry['dice_min']:.5f}, same geometry "
                   f"{entry['same_geometry']}", flush=True)
-    results["machine_load"] = watch.verdict()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"{describe_verdict(results['machine_load'])}; wrote {args.out}")
+    print(write_benchmark_json(args.out, results, watch))
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

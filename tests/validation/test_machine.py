@@ -13,3 +13,20 @@ def test_quiet_means_a_low_start_load_and_little_cpu_used_by_others() -> None:
     assert not quiet_verdict(None, None, 2)["quiet"]  # unknown is not quiet
     verdict = MachineWatch().verdict()
     assert set(verdict) >= {"loadavg_1min_start", "others_cpu_s", "others_fraction_of_machine", "quiet", "rule"}
+
+
+def test_every_benchmark_json_carries_the_machine_and_its_load(tmp_path, monkeypatch) -> None:
+    import json
+
+    from tucker_export.validation import machine
+
+    monkeypatch.setattr("sys.argv", ["bench/x.py", "--fast"])
+    line = machine.write_benchmark_json(tmp_path / "results" / "x.json", {"rows": [1, 2]}, MachineWatch())
+    saved = json.loads((tmp_path / "results" / "x.json").read_text())
+    assert saved["rows"] == [1, 2] and saved["command"].endswith("bench/x.py --fast")
+    cpu = saved["environment"]
+    assert {"cpu", "cpu_kind", "physical_cores", "loadavg_1min", "versions"} <= set(cpu)
+    assert set(cpu["cpu_kind"]) >= {"model_name", "features", "kind"}
+    load = saved["machine_load"]
+    assert {"loadavg_1min_start", "loadavg_1min_end", "cores", "quiet"} <= set(load)
+    assert line.endswith(f"wrote {tmp_path / 'results' / 'x.json'}") and ("quiet" in line)

@@ -138,3 +138,22 @@ def quiet_verdict(load_start: float | None, load_end: float | None, cores: int |
         "rule": "quiet when the 1-minute load average is <= 1 per core at the start and other processes used "
                 "<= 10 % of the machine's CPU time during the run (the end load counts the run's own threads)",
     }
+
+
+def write_benchmark_json(path: str | Path, results: dict[str, Any], watch: MachineWatch) -> str:
+    """Write a benchmark's ``results`` with its machine block and load verdict; returns the verdict line.
+
+    Every benchmark script ends here (and may call it after each part, so a stopped run keeps what
+    it measured): ``command`` (how to reproduce it), ``environment`` and ``machine_load`` are added
+    where the script did not set them; the write is atomic.
+    """
+    import sys
+
+    from tucker_export._io import write_json_atomic
+
+    results.setdefault("command", " ".join([Path(sys.executable).name, *sys.argv]))
+    results.setdefault("environment", environment())
+    results["machine_load"] = watch.verdict()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, results)
+    return f"{describe_verdict(results['machine_load'])}; wrote {path}"
