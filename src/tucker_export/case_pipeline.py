@@ -62,12 +62,6 @@ def _failure(case: Case, error: BaseException) -> CaseResult:
     return CaseResult(case.name, "failed", error=message)
 
 
-@dataclass
-class _Prepared:
-    prepared: PreparedCase
-    seconds: float
-
-
 def run_cases(
     cases: Sequence[Case],
     *,
@@ -90,7 +84,7 @@ def run_cases(
     """
     from tucker_export.nnunet.fast_export import export_segmentation, fast_export_unsupported
 
-    stock_reason = "--stock-export" if not fast_export else fast_export_unsupported(
+    stock_reason = "the stock export was asked for" if not fast_export else fast_export_unsupported(
         spec, save_probabilities=save_probabilities)
     if stock_reason:
         logger.debug("Exporting with stock nnU-Net: %s.", stock_reason)
@@ -105,10 +99,8 @@ def run_cases(
         else:
             todo.append(case)
 
-    def prepare(case: Case) -> _Prepared:
-        started = time.perf_counter()
-        prepared = preprocess_case(case, spec, strict=strict, stock_export=bool(stock_reason))
-        return _Prepared(prepared, time.perf_counter() - started)
+    def prepare(case: Case) -> PreparedCase:
+        return preprocess_case(case, spec, strict=strict, stock_export=bool(stock_reason))
 
     def export(case: Case, logits: torch.Tensor, prepared: PreparedCase) -> float:
         from nnunetv2.inference.export_prediction import export_prediction_from_logits
@@ -137,26 +129,20 @@ def run_cases(
         for index, case in enumerate(progress(todo)):
             current, ahead = ahead, (prepare_pool.submit(prepare, todo[index + 1]) if index + 1 < len(todo) else None)
             try:
-                ready: _Prepared = current.result()
+                ready: PreparedCase = current.result()
             except _CASE_ERRORS as error:
                 results[case.name] = _failure(case, error)
                 continue
             started = time.perf_counter()
             try:
-                logits = predict(torch.from_numpy(ready.prepared.data)).cpu()
+                logits = predict(torch.from_numpy(ready.data)).cpu()
             except _CASE_ERRORS as error:
                 results[case.name] = _failure(case, error)
                 continue
-            seconds = {
-                "check": ready.prepared.check_seconds,
-                "read": ready.prepared.read_seconds,
-                "preprocess": ready.seconds - ready.prepared.check_seconds - ready.prepared.read_seconds,
-                "network": time.perf_counter() - started,
-            }
+            seconds = {**ready.seconds, "network": time.perf_counter() - started}
             if in_flight is not None:  # one export at a time: bounded memory
                 _finish_export(in_flight, results, output_dir, file_ending)
-            in_flight = (case, export_pool.submit(export, case, logits, ready.prepared), seconds,
-                         ready.prepared.warnings)
+            in_flight = (case, export_pool.submit(export, case, logits, ready), seconds, ready.warnings)
             del logits, ready
         if in_flight is not None:
             _finish_export(in_flight, results, output_dir, file_ending)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tucker_export.integrity.dicom import read_slice_headers, series_files, series_findings
+from tucker_export.integrity.dicom import read_slice_headers, series_files, series_findings, slice_step
 from tucker_export.integrity.nifti import direction_problems, nifti_problems, spacing_problems
 from tucker_export.integrity.volume import available_memory_bytes, memory_problem, nonfinite_problems
 from tucker_export.nnunet.cases import NIFTI_ENDINGS, Case, dicom_series_ids
@@ -126,8 +126,6 @@ def _check_files(case: Case, needs: ModelNeeds | None, check: CaseCheck) -> None
 
 
 def _check_dicom(case: Case, needs: ModelNeeds | None, check: CaseCheck) -> None:
-    import SimpleITK as sitk
-
     folder = case.dicom_dir
     files = series_files(folder, dicom_series_ids(folder)[0])  # one series: discovery refuses folders of several
     try:
@@ -138,14 +136,9 @@ def _check_dicom(case: Case, needs: ModelNeeds | None, check: CaseCheck) -> None
     findings = series_findings(slices, ct_model=needs is not None and needs.ct_model)
     check.errors.extend(f"{folder.name}/: {e}" for e in findings.errors)
     check.warnings.extend(f"{folder.name}/: {w}" for w in findings.warnings)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(files[0]))
-    reader.ReadImageInformation()
-    steps = np.diff(sorted(float(np.dot(s.position, np.cross(s.orientation[:3], s.orientation[3:])))
-                           for s in slices if s.position and s.orientation and len(s.orientation) == 6))
-    step = float(np.median(steps)) if len(steps) else (slices[0].thickness or 1.0)
-    check.shape = (*reader.GetSize()[:2], len(files))
-    check.spacing = (*reader.GetSpacing()[:2], step)
+    step = slice_step(slices) or slices[0].thickness or 1.0
+    check.shape = (*slices[0].size, len(files))
+    check.spacing = (*slices[0].spacing, step)
 
 
 @dataclass
@@ -188,20 +181,23 @@ def check_inputs(
 
 
 def _voxel_problems(case: Case) -> list[str]:
+    """NaN/Inf in voxels no file check has seen: NIfTI floats were counted from the raw bytes already
+    (and SimpleITK would read their NaN as 0), so only DICOM series and other formats are read here."""
     import SimpleITK as sitk
 
     from tucker_export.nnunet.cases import read_dicom_series
 
-    try:
-        if case.dicom_dir is not None:
-            arrays, names = [sitk.GetArrayViewFromImage(read_dicom_series(case.dicom_dir))], [Path(f"{case.dicom_dir.name}/")]
-        else:
-            arrays = [sitk.GetArrayViewFromImage(sitk.ReadImage(str(f))) for f in case.files]
-            names = case.files
-    except RuntimeError as error:
-        return [f"its voxels cannot be read ({str(error).strip().splitlines()[0]})"]
+    if case.dicom_dir is not None:
+        sources = [(Path(f"{case.dicom_dir.name}/"), lambda: read_dicom_series(case.dicom_dir))]
+    else:
+        sources = [(f, lambda f=f: sitk.ReadImage(str(f))) for f in case.files
+                   if not any(f.name.endswith(e) for e in NIFTI_ENDINGS)]
     problems = []
-    for array, name in zip(arrays, names):
+    for name, read in sources:
+        try:
+            array = sitk.GetArrayViewFromImage(read())
+        except RuntimeError as error:
+            return [f"its voxels cannot be read ({str(error).strip().splitlines()[0]})"]
         problems.extend(nonfinite_problems(np.asarray(array)[None], [name]))
     return problems
 

@@ -26,7 +26,8 @@ class DicomSlice:
     orientation: tuple[float, ...] | None
     thickness: float | None
     modality: str | None
-
+    size: tuple[int, ...] = ()  # columns, rows (as the reader reports the slice)
+    spacing: tuple[float, ...] = ()  # in-plane pixel spacing, same order
 
 @dataclass(frozen=True)
 class SeriesFindings:
@@ -62,6 +63,8 @@ def read_slice_headers(files: list[Path]) -> list[DicomSlice]:
             orientation=_numbers(tag("0020|0037")),
             thickness=thickness[0] if thickness else None,
             modality=tag("0008|0060"),
+            size=tuple(reader.GetSize()[:2]),
+            spacing=tuple(reader.GetSpacing()[:2]),
         ))
     return slices
 
@@ -84,21 +87,37 @@ def series_findings(slices: list[DicomSlice], *, ct_model: bool) -> SeriesFindin
     if thicknesses and thicknesses[-1] - thicknesses[0] > THICKNESS_TOLERANCE_MM:
         errors.append(f"its slices have different thicknesses ({', '.join(f'{t:g}' for t in thicknesses)} mm)")
     if not errors and orientations and len(slices) >= 3:
-        errors.extend(_gap_problems(slices, np.asarray(orientations[0])))
+        errors.extend(_gap_problems(slices))
     modalities = sorted({s.modality for s in slices if s.modality})
     if ct_model and modalities and modalities != ["CT"]:
         warnings.append(f"its modality is {'/'.join(modalities)}, the model was trained on CT")
     return SeriesFindings(errors, warnings)
 
 
-def _gap_problems(slices: list[DicomSlice], orientation: np.ndarray) -> list[str]:
-    placed = [s for s in slices if s.position is not None and len(s.position) == 3]
-    if len(placed) != len(slices):
-        missing = next(s for s in slices if s not in placed)
-        return [f"slice {missing.path.name} has no ImagePositionPatient, so the slices cannot be placed"]
+def stacked(slices: list[DicomSlice]) -> tuple[list[DicomSlice], np.ndarray] | None:
+    """The slices ordered along the series' normal with their heights (mm); None if they cannot be placed."""
+    orientation = next((s.orientation for s in slices if s.orientation is not None and len(s.orientation) == 6), None)
+    if orientation is None or any(s.position is None or len(s.position) != 3 for s in slices):
+        return None
     normal = np.cross(orientation[:3], orientation[3:])
-    order = sorted(placed, key=lambda s: float(np.dot(s.position, normal)))
-    heights = np.array([np.dot(s.position, normal) for s in order])
+    order = sorted(slices, key=lambda s: float(np.dot(s.position, normal)))
+    return order, np.array([np.dot(s.position, normal) for s in order])
+
+
+def slice_step(slices: list[DicomSlice]) -> float | None:
+    """The median distance between neighbouring slices, or None with fewer than two placed slices."""
+    placed = stacked(slices)
+    if placed is None or len(placed[1]) < 2:
+        return None
+    return float(np.median(np.diff(placed[1])))
+
+
+def _gap_problems(slices: list[DicomSlice]) -> list[str]:
+    placed = stacked(slices)
+    if placed is None:
+        missing = next(s for s in slices if s.position is None or len(s.position) != 3)
+        return [f"slice {missing.path.name} has no ImagePositionPatient, so the slices cannot be placed"]
+    order, heights = placed
     steps = np.diff(heights)
     median = float(np.median(steps))
     repeated = np.flatnonzero(steps < 1e-3 * max(median, 1e-6))
