@@ -78,6 +78,22 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def stale_onnx_reason(manifest: dict[str, Any], fold: Fold, entry: dict[str, Any]) -> str | None:
+    """Why an ONNX entry no longer fits its fold's weights (``finetune`` wrote new ones), else None.
+
+    An export records the sha256 of the weights it was made from; entries written before that
+    field existed carry none and are taken as they are.
+    """
+    exported_from = entry.get("weights_sha256")
+    current = manifest.get("folds", {}).get(fold_key(fold), {}).get("weights", {}).get("sha256")
+    if exported_from is None or current is None or exported_from == current:
+        return None
+    return (
+        f"was exported from other weights of fold {fold} (sha256 {exported_from[:12]}..., the weights are now "
+        f"{current[:12]}..., e.g. after `tucker-export finetune`)"
+    )
+
+
 class Bundle:
     """A deployment bundle on disk: the manifest plus paths to everything it names."""
 
@@ -192,6 +208,18 @@ class Bundle:
         state_dict = restore_aliased_keys(network, state_dict)
         load_state_dict_checked(network, state_dict, weights)
         return network.eval()
+
+    # ---- ONNX exports ---------------------------------------------------------------------
+    def onnx_entry(self, fold: Fold, precision: str) -> dict[str, Any]:
+        """The manifest entry of fold ``fold``'s ``precision`` ONNX export, refused when missing or stale."""
+        command = f"tucker-export export {self.path} --precision {precision}"
+        entry = self.manifest.get("onnx", {}).get(f"fold_{fold}.{precision}")
+        if entry is None:
+            raise BundleError(f"Bundle {self.path} has no {precision} ONNX export of fold {fold}; run `{command}`.")
+        reason = stale_onnx_reason(self.manifest, fold, entry)
+        if reason is not None:
+            raise BundleError(f"The {precision} ONNX export of fold {fold} {reason}; re-export it with `{command}`.")
+        return entry
 
     # ---- artifacts ------------------------------------------------------------------------
     def artifact_path(self, relative: str | Path) -> Path:

@@ -337,6 +337,59 @@ def validate(ctx: click.Context, bundle_path: Path, input_path: Path, labels_dir
         raise ValidationFailedError(f"{len(report.failures)} validation check(s) failed (listed above).")
 
 
+@cli.command()
+@click.argument("bundle_path", type=click.Path(path_type=Path))
+@click.option("-i", "--input", "scans", required=True, type=click.Path(path_type=Path),
+              help="Unlabeled scans of the deployment (same forms as `infer -i`); tiles are cut from them.")
+@click.option("-o", "--output", "output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write the fine-tuned bundle here [default: replace BUNDLE_PATH, only once everything succeeded].")
+@click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True, help="Optimizer steps per fold.")
+@click.option("--lr", type=float, default=3e-4, show_default=True, help="Adam learning rate.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True, help="Tiles per step.")
+@click.option("--tiles", "train_tiles", type=click.IntRange(min=1), default=96, show_default=True,
+              help="Training tiles cut from the scans (seeded).")
+@click.option("--held-out-tiles", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Tiles that never train; the best step is chosen on them.")
+@click.option("--eval-every", type=click.IntRange(min=1), default=25, show_default=True,
+              help="Steps between held-out evaluations.")
+@click.option("--max-minutes", type=float, default=None, help="Stop each fold after this many minutes.")
+@click.option("--train-norms", is_flag=True, help="Also train the normalisation layers' scale and shift.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-f", "--folds", multiple=True, help="Folds to fine-tune [default: all in the bundle].")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--teacher", "teacher_dir", type=click.Path(path_type=Path), default=None,
+              help="The original nnU-Net model folder, when it moved since `decompose`.")
+@click.option("--labels", "labels_dir", type=click.Path(path_type=Path), default=None,
+              help="Optional label maps <case>.nii.gz: adds nnU-Net's Dice+CE loss to the distillation.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing -o folder.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the per-fold results and training history as JSON.")
+@click.pass_context
+def finetune(ctx: click.Context, bundle_path: Path, scans: Path, output: Path | None, steps: int, lr: float,
+             batch_size: int, train_tiles: int, held_out_tiles: int, eval_every: int, max_minutes: float | None,
+             train_norms: bool, seed: int, folds: tuple[str, ...], device: str, teacher_dir: Path | None,
+             labels_dir: Path | None, overwrite: bool, report_path: Path | None) -> None:
+    """Win back accuracy after decomposition: distil the original model into the bundle, without labels.
+
+    The original network (the teacher) and the factorized one see the same tiles of your scans;
+    only the Tucker factors and cores train, towards the teacher's soft outputs. The best step on
+    held-out tiles is kept, and a bundle no step improves keeps its weights. Re-export the ONNX
+    afterwards: exports of the old weights are refused.
+    """
+    from tucker_export._io import write_json_atomic
+    from tucker_export.finetune import FinetuneSettings, finetune_bundle, format_finetune_report
+
+    settings = FinetuneSettings(steps=steps, lr=lr, batch_size=batch_size, train_tiles=train_tiles,
+                                held_out_tiles=held_out_tiles, eval_every=eval_every, seed=seed,
+                                train_norms=train_norms, max_minutes=max_minutes, device=device)
+    report = finetune_bundle(bundle_path, scans, output=output, folds=_split_folds(folds), settings=settings,
+                             teacher_dir=teacher_dir, labels_dir=labels_dir, overwrite=overwrite,
+                             progress=ctx.obj["verbosity"] >= 0)
+    if report_path is not None:
+        write_json_atomic(report_path, report.to_dict())
+    click.echo(format_finetune_report(report))
+
+
 def _split_folds(folds: tuple[str, ...]) -> list[str] | None:
     """`-f 0 -f 1`, `-f 0,1` and `-f 0 1`-style lists all mean folds 0 and 1."""
     parts = [part for value in folds for part in value.replace(",", " ").split()]

@@ -96,6 +96,18 @@ class DemoModel:
         return float(sum(values) / len(values)) if values else float("nan")
 
     @property
+    def training_images_dir(self) -> Path:
+        """The training images without labels (``imagesTr`` under the cache root); see :meth:`ensure_training_images`."""
+        return self.root / "imagesTr"
+
+    def ensure_training_images(self) -> Path:
+        """Write the training images (no labels) into :attr:`training_images_dir` unless they are there."""
+        from tucker_export.demo.dataset import write_training_images
+
+        with _exclusive_lock(self.root.parent / f".{self.root.name}.imagesTr.lock"):
+            return write_training_images(self.training_images_dir)
+
+    @property
     def report_path(self) -> Path:
         return self.root / _REPORT_NAME
 

@@ -27,6 +27,38 @@ if TYPE_CHECKING:
     from tucker_export.demo.training import _Progress
 
 
+def training_cases():
+    """(name, phantom) of every training case, regenerated from its seed."""
+    for i in range(NUM_TRAINING_CASES):
+        # Every fourth case is a thick-slice (3 mm) scan, the rest near-isotropic.
+        yield f"phantom_{i:03d}", generate_phantom(i, anisotropic=(i % 4 == 3))
+
+
+def write_training_images(folder: Path) -> Path:
+    """The training images without their labels in ``folder`` (nnU-Net naming), written once, atomically.
+
+    Fine-tuning shows label-free recovery on them while the held-out test cases stay unseen; they
+    are regenerated from their seeds, so a demo built before this existed needs no retraining.
+    """
+    import shutil
+    import tempfile
+
+    folder = Path(folder)
+    if folder.is_dir() and len(list(folder.glob("*_0000.nii.gz"))) == NUM_TRAINING_CASES:
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        for name, case in training_cases():
+            write_case(case, staging / f"{name}_0000.nii.gz")
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
 def _write_dataset(raw_dataset: Path, test_root: Path, bar: _Progress) -> None:
     """Write the training set in nnU-Net raw format and the held-out test set."""
     images_tr, labels_tr = raw_dataset / "imagesTr", raw_dataset / "labelsTr"
@@ -38,9 +70,8 @@ def _write_dataset(raw_dataset: Path, test_root: Path, bar: _Progress) -> None:
         write_case(case, images / f"{name}_0000.nii.gz", labels / f"{name}.nii.gz")
         bar.update()
 
-    for i in range(NUM_TRAINING_CASES):
-        # Every fourth case is a thick-slice (3 mm) scan, the rest near-isotropic.
-        write(f"phantom_{i:03d}", generate_phantom(i, anisotropic=(i % 4 == 3)), images_tr, labels_tr)
+    for name, case in training_cases():
+        write(name, case, images_tr, labels_tr)
     for i in range(NUM_TEST_CASES):
         write(
             f"phantom_test_{i:03d}",

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tucker_export._io import sha256_file, write_bytes_atomic
+from tucker_export.bundle import stale_onnx_reason
 from tucker_export.engines.keys import (
     ENGINES_SECTION,
     ONNX_SECTION,
@@ -92,6 +93,10 @@ def plan_builds(
             entry = manifest.get(ONNX_SECTION, {}).get(key)
             if entry is None:
                 problems.append(f"no ONNX export {key} (run `{export_command(bundle_path, precision)}`)")
+                continue
+            stale = stale_onnx_reason(manifest, fold, entry)
+            if stale is not None:
+                problems.append(f"ONNX export {key} {stale} (run `{export_command(bundle_path, precision)}`)")
                 continue
             shape = entry.get("input", {}).get("shape", [])
             if len(shape) < 3 or not isinstance(shape[0], str) or not all(isinstance(d, int) for d in shape[1:]):

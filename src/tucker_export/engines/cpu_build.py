@@ -58,6 +58,8 @@ class Tiles:
 
     array: np.ndarray
     source: dict[str, Any]
+    #: label maps cropped at the same corners ``(N, 1, *patch)``, when the scans came with labels
+    labels: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.array.shape[0])
@@ -93,12 +95,13 @@ def split_counts(total: int, parts: int) -> list[int]:
 
 def tiles_from_scans(
     bundle: Bundle, scans: str | Path, count: int, *, seed: int = 0, progress: bool = False,
-    max_cases: int = MAX_TILE_CASES,
+    max_cases: int = MAX_TILE_CASES, labels_dir: str | Path | None = None,
 ) -> Tiles:
     """``count`` seeded crops of the scans under ``scans``, after the bundle's own nnU-Net preprocessing.
 
     At most ``max_cases`` cases are read (a seeded choice when there are more). A case that
-    cannot be read is skipped with a warning; none readable is an error.
+    cannot be read is skipped with a warning; none readable is an error. With ``labels_dir``
+    every case needs its label map ``<case><file ending>`` there, cropped with the image.
     """
     from tqdm.auto import tqdm
 
@@ -113,32 +116,52 @@ def tiles_from_scans(
         raise InputImageError(f"Calibration scans {scans} do not exist; point --calibration-dir at a folder of CT scans.")
     spec = bundle.spec
     file_ending = spec.dataset_json["file_ending"]
-    cases = [c for c in discover_cases(scans, num_channels=spec.num_input_channels, file_ending=file_ending) if not c.problem]
+    found = discover_cases(scans, num_channels=spec.num_input_channels, file_ending=file_ending)
+    cases = [c for c in found if not c.problem]
     if not cases:
-        raise InputImageError(f"{scans} holds no usable scans for this model (see the warnings above).")
+        shown = "; ".join(f"{c.name}: {c.problem}" for c in found[:3]) + ("; ..." if len(found) > 3 else "")
+        raise InputImageError(f"{scans} holds no usable scans for this model ({shown}).")
     rng = np.random.default_rng(seed)
     if len(cases) > max_cases:
         chosen = sorted(rng.choice(len(cases), size=max_cases, replace=False).tolist())
         cases = [cases[i] for i in chosen]
     patch = bundle.patch_size
+    if labels_dir is not None:
+        labels_dir = Path(labels_dir)
+        missing = [c.name for c in cases if not (labels_dir / f"{c.name}{file_ending}").is_file()]
+        if not labels_dir.is_dir() or missing:
+            raise InputImageError(
+                f"Labels folder {labels_dir} lacks the label maps of {', '.join(missing[:3]) or 'every case'}"
+                f"{' ...' if len(missing) > 3 else ''} (named <case>{file_ending})."
+            )
     tiles: list[np.ndarray] = []
+    label_tiles: list[np.ndarray] = []
     used: list[str] = []
     for case, n in tqdm(list(zip(cases, split_counts(count, len(cases)))), desc="tiles", unit="case",
                         disable=not progress, leave=False):
         if n == 0:
             continue
+        label_file = labels_dir / f"{case.name}{file_ending}" if labels_dir is not None else None
         try:
-            data = preprocess_case(case, spec).data
+            prepared = preprocess_case(case, spec, label_file=label_file)
         except BrokenScanError as error:
-            logger.warning("Calibration case %s skipped: %s.", case.name, error)
+            logger.warning("Case %s skipped: %s.", case.name, error)
             continue
-        tiles.extend(crop_tile(data, corner, patch) for corner in crop_positions(data.shape[1:], patch, n, rng))
+        corners = crop_positions(prepared.data.shape[1:], patch, n, rng)
+        tiles.extend(crop_tile(prepared.data, corner, patch) for corner in corners)
+        if prepared.seg is not None:
+            # nnU-Net marks voxels outside the cropped body with -1; they are background here.
+            seg = np.maximum(prepared.seg, 0)
+            label_tiles.extend(crop_tile(seg, corner, patch) for corner in corners)
         used.append(case.name)
     if not tiles:
         raise InputImageError(f"No scan under {scans} could be read for calibration.")
     array = np.stack(tiles)
-    return Tiles(array, {"kind": "scans", "folder": str(scans), "cases": used, "count": len(tiles), "seed": seed,
-                         "sha256": tiles_digest(array)})
+    source = {"kind": "scans", "folder": str(scans), "cases": used, "count": len(tiles), "seed": seed,
+              "sha256": tiles_digest(array)}
+    if labels_dir is not None:
+        source["labels"] = str(labels_dir)
+    return Tiles(array, source, np.stack(label_tiles) if label_tiles else None)
 
 
 def seeded_tiles(bundle: Bundle, count: int, *, seed: int = 0) -> Tiles:
@@ -258,13 +281,12 @@ def fp32_onnx_entry(bundle: Bundle, fold: Fold) -> tuple[str, dict[str, Any]]:
     from tucker_export.exporter.onnx_export import onnx_key
 
     key = onnx_key(fold, "fp32")
-    entry = bundle.manifest.get(ONNX_SECTION, {}).get(key)
-    if entry is None:
+    if key not in bundle.manifest.get(ONNX_SECTION, {}):
         raise BundleError(
             f"Bundle {bundle.path} has no fp32 ONNX export of fold {fold}, which OpenVINO compiles from; run "
             f"`{export_command(bundle.path, 'fp32')}`."
         )
-    return key, entry
+    return key, bundle.onnx_entry(fold, "fp32")
 
 
 def build_cpu_engines(

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tucker_export.engines.keys import ONNX_SECTION, GpuInfo, cuda_devices, export_command, find_engine_record
+from tucker_export.engines.keys import GpuInfo, cuda_devices, export_command, find_engine_record
 from tucker_export.engines.runners import ORT_CUDA, OnnxRuntimeRunner, Runner, TensorRTRunner, TorchRunner
 from tucker_export.errors import BackendUnavailableError, BundleError, ConfigurationError, TuckerExportError
 
@@ -251,12 +251,10 @@ def engine_problem(bundle: Bundle, precision: str, folds: Sequence[Fold], device
 def onnx_problem(bundle: Bundle, precision: str, folds: Sequence[Fold]) -> TuckerExportError | None:
     """None when every fold has an ONNX export of ``precision`` on disk, else why not."""
     for fold in folds:
-        entry = bundle.manifest.get(ONNX_SECTION, {}).get(f"fold_{fold}.{precision}")
-        if entry is None:
-            return BundleError(
-                f"Bundle {bundle.path} has no {precision} ONNX export of fold {fold}; run "
-                f"`{export_command(bundle.path, precision)}`."
-            )
+        try:
+            entry = bundle.onnx_entry(fold, precision)
+        except BundleError as error:
+            return error
         if not bundle.artifact_path(entry["file"]).is_file():
             return BundleError(f"Bundle {bundle.path} lacks {entry['file']}; run `{export_command(bundle.path, precision)}`.")
     return None
@@ -282,7 +280,7 @@ class RunnerFactory:
 
             return OpenVinoRunner(self.cpu_models.models[fold], precision=self.precision, threads=self.threads)
         if self.backend == "ort":
-            entry = self.bundle.manifest[ONNX_SECTION][f"fold_{fold}.{self.precision}"]
+            entry = self.bundle.onnx_entry(fold, self.precision)
             path = self.bundle.verify_file(entry["file"], entry["sha256"])
             return OnnxRuntimeRunner(path, precision=self.precision, device=self.device, intra_op_threads=self.threads)
         bundle = self.bundle

@@ -29,12 +29,16 @@ class PreparedCase:
     warnings: list[str] = field(default_factory=list)
     # wall seconds of the checks (files and voxels), nnU-Net's read, and the rest of its preprocessing
     seconds: dict[str, float] = field(default_factory=lambda: {"check": 0.0, "read": 0.0, "preprocess": 0.0})
+    #: the label map preprocessed with the image (only when a label file was given)
+    seg: np.ndarray | None = None
 
 
-def preprocess_case(case: Case, spec, *, strict: bool = False, stock_export: bool = False) -> PreparedCase:
+def preprocess_case(case: Case, spec, *, strict: bool = False, stock_export: bool = False,
+                    label_file: Path | None = None) -> PreparedCase:
     """Check, read and preprocess ``case`` for ``spec``'s model; raises ``BrokenScanError`` with the findings.
 
     ``stock_export``: the case will be exported by stock nnU-Net (its memory need is checked for that).
+    ``label_file``: a label map preprocessed with the image as nnU-Net's training does (``seg``).
     """
     from tucker_export.integrity.checks import ModelNeeds, check_case
     from tucker_export.integrity.volume import nonfinite_problems
@@ -58,12 +62,20 @@ def preprocess_case(case: Case, spec, *, strict: bool = False, stock_export: boo
     checked += time.perf_counter() - started
     if data.shape[0] != spec.num_input_channels:
         raise InputImageError(f"it has {data.shape[0]} channels, the model needs {spec.num_input_channels}")
-    manager = inference_configuration(spec.configuration_manager)
+    seg = None
+    if label_file is not None:
+        try:
+            seg, _ = reader.read_seg(str(label_file))
+        except Exception as error:  # nnU-Net's readers raise whatever their backend raises
+            raise InputImageError(f"label map {label_file} cannot be read ({str(error).strip().splitlines()[0]})") from None
+        if tuple(seg.shape[1:]) != tuple(data.shape[1:]):
+            raise InputImageError(f"label map {label_file} has shape {tuple(seg.shape[1:])}, the image {tuple(data.shape[1:])}")
+    manager = spec.configuration_manager if seg is not None else inference_configuration(spec.configuration_manager)
     preprocessor = manager.preprocessor_class(verbose=False)
     started = time.perf_counter()
-    data, _, properties = preprocessor.run_case_npy(data, None, properties, spec.plans_manager, manager, spec.dataset_json)
+    data, seg, properties = preprocessor.run_case_npy(data, seg, properties, spec.plans_manager, manager, spec.dataset_json)
     seconds = {"check": checked, "read": read, "preprocess": time.perf_counter() - started}
-    return PreparedCase(data, properties, check.warnings, seconds)
+    return PreparedCase(data, properties, check.warnings, seconds, seg if label_file is not None else None)
 
 
 def inference_configuration(manager):
