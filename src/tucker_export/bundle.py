@@ -78,6 +78,15 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def onnx_key(fold: Fold, precision: str) -> str:
+    """The manifest key of fold ``fold``'s ``precision`` ONNX export."""
+    return f"fold_{fold}.{precision}"
+
+
+def export_command(bundle_path: Any, precision: str) -> str:
+    return f"tucker-export export {bundle_path} --precision {precision}"
+
+
 def stale_onnx_reason(manifest: dict[str, Any], fold: Fold, entry: dict[str, Any]) -> str | None:
     """Why an ONNX entry no longer fits its fold's weights (``finetune`` wrote new ones), else None.
 
@@ -212,8 +221,8 @@ class Bundle:
     # ---- ONNX exports ---------------------------------------------------------------------
     def onnx_entry(self, fold: Fold, precision: str) -> dict[str, Any]:
         """The manifest entry of fold ``fold``'s ``precision`` ONNX export, refused when missing or stale."""
-        command = f"tucker-export export {self.path} --precision {precision}"
-        entry = self.manifest.get("onnx", {}).get(f"fold_{fold}.{precision}")
+        command = export_command(self.path, precision)
+        entry = self.manifest.get("onnx", {}).get(onnx_key(fold, precision))
         if entry is None:
             raise BundleError(f"Bundle {self.path} has no {precision} ONNX export of fold {fold}; run `{command}`.")
         reason = stale_onnx_reason(self.manifest, fold, entry)

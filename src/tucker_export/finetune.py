@@ -291,9 +291,10 @@ def finetune_bundle(
 
     from tucker_export.engines.cpu_build import tiles_from_scans
     from tucker_export.exporter.tucker import deduplicated_state_dict
+    from tucker_export.inference import parse_device
 
     settings = (settings or FinetuneSettings()).validate()
-    _check_device(settings.device)
+    parse_device(settings.device)
     bundle = Bundle.load(bundle_path)
     selected = bundle.resolve_folds(list(folds) if folds else None)
     target = Path(output) if output is not None else bundle.path
@@ -305,7 +306,6 @@ def finetune_bundle(
     if not Path(scans).is_dir():
         raise ConfigurationError(f"Scans folder {scans} does not exist; point -i at a folder of the deployment's scans.")
     teacher = load_teacher(bundle, selected, teacher_dir)
-    torch.manual_seed(settings.seed)
     tiles = tiles_from_scans(bundle, scans, settings.train_tiles + settings.held_out_tiles, seed=settings.seed,
                              progress=progress, labels_dir=labels_dir)
     if len(tiles) < 2:
@@ -316,8 +316,7 @@ def finetune_bundle(
     train_labels = torch.from_numpy(tiles.labels[:-n_held]).long() if tiles.labels is not None else None
     results: list[FoldResult] = []
     with staged_bundle_dir(target, overwrite=True) as staging:
-        shutil.copytree(bundle.path, staging, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns(f".{bundle.path.name}.*"))
+        shutil.copytree(bundle.path, staging, dirs_exist_ok=True)
         manifest = bundle.manifest
         for fold in selected:
             student = bundle.build_network(fold)
@@ -332,7 +331,7 @@ def finetune_bundle(
             if not result.improved:
                 continue
             entry = manifest["folds"][fold_key(fold)]
-            relative = f"weights/fold_{fold}.safetensors"
+            relative = entry["weights"]["file"]
             save_file(deduplicated_state_dict(student.cpu()), str(staging / relative))
             entry["weights"] = {"file": relative, "sha256": sha256_file(staging / relative)}
         report = FinetuneReport(str(bundle.path), str(target), asdict(settings), tiles.source, results)
@@ -340,17 +339,6 @@ def finetune_bundle(
         manifest["updated"] = utc_now()
         write_json_atomic(staging / MANIFEST_NAME, manifest)
     return report
-
-
-def _check_device(device: str) -> None:
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigurationError(f"The fine-tuning device must be 'cpu' or 'cuda[:N]', got {device!r}.") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigurationError(f"Device {device} needs a CUDA GPU, and torch sees none here; use cpu.")
-    if parsed.type not in ("cpu", "cuda"):
-        raise ConfigurationError(f"The fine-tuning device must be 'cpu' or 'cuda[:N]', got {device!r}.")
 
 
 def _log_fold(result: FoldResult) -> None:

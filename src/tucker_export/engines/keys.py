@@ -23,6 +23,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from tucker_export.bundle import export_command  # noqa: F401  (re-exported: callers import it from here)
 from tucker_export.errors import ConfigurationError, EngineError, EngineMismatchError
 
 ENGINES_SECTION = "engines"
@@ -187,10 +188,6 @@ def timing_cache_relpath(gpu: GpuInfo, trt_version: str) -> str:
 
 def rebuild_command(bundle_path: Any, precision: str) -> str:
     return f"tucker-export build {bundle_path} --precision {precision}"
-
-
-def export_command(bundle_path: Any, precision: str) -> str:
-    return f"tucker-export export {bundle_path} --precision {precision}"
 
 
 # ---- manifest records ---------------------------------------------------------------------------

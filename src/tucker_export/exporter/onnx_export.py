@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tucker_export._io import sha256_file, write_bytes_atomic
+from tucker_export.bundle import onnx_key
 from tucker_export.errors import ConfigurationError, ExportError
 
 if TYPE_CHECKING:
@@ -136,10 +137,6 @@ class ExportRecord:
             "seconds": round(self.seconds, 2),
             "exported": utc_now(),
         }
-
-
-def onnx_key(fold: Fold, precision: str) -> str:
-    return f"fold_{fold}.{precision}"
 
 
 def onnx_relpath(fold: Fold, precision: str) -> str:
