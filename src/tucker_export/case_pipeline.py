@@ -46,6 +46,8 @@ class CaseResult:
     seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     peak_rss_bytes: int | None = None  # the process's high-water mark when the case was written
+    worker: str | None = None  # which worker ran it, when the cases ran on several (``scaleout``)
+    device: str | None = None  # and that worker's device kind
 
 
 def output_path(output_dir: Path, case_name: str, file_ending: str) -> Path:
@@ -194,6 +196,14 @@ def _pool(workers: int, name: str):
     finally:
         # On Ctrl-C: nothing new starts, a running export finishes its atomic rename.
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def partial_outputs(output_dir: Path, case_name: str) -> list[Path]:
+    """Temporary files ``export_atomically`` left for ``case_name`` when its process was killed outright."""
+    import re
+
+    pattern = re.compile(rf"^\.{re.escape(case_name)}\.[A-Za-z0-9_]{{8}}\.")
+    return sorted(p for p in output_dir.glob(f".{case_name}.*") if pattern.match(p.name))
 
 
 def export_atomically(write, target: Path, file_ending: str, extra_suffixes: tuple[str, ...]) -> None:

@@ -205,12 +205,24 @@ def inspect(model_dir: Path, folds: tuple[str, ...], checkpoint_name: str, trust
 @click.option("--stock-export", is_flag=True,
               help="Export with stock nnU-Net's all-classes scipy resampling instead of the chunked PyTorch one "
                    "(same interpolation; bit-identical to stock, slower and far larger in memory on big scans).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Run the cases on Ray workers (pip install 'tucker-export[ray]'): --ray alone starts a local Ray "
+                   "on this machine; --ray ADDRESS (auto, ray://head:10001) joins a cluster, whose nodes must see "
+                   "the bundle, scans and output folder at the same paths.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="With --ray: how many workers [default: one per GPU with --device cuda, else the CPUs // "
+                   "--cpus-per-worker].")
+@click.option("--cpus-per-worker", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --ray on the CPU: cores (and engine threads) per worker.")
+@click.option("--max-retries", type=click.IntRange(min=0), default=2, show_default=True,
+              help="With --ray: how often a case whose worker died is handed to another worker.")
 @click.pass_context
 def infer(ctx: click.Context, input_path: Path, output_dir: Path, bundle_path: Path | None, model_dir: Path | None,
           backend: str, precision: str, folds: tuple[str, ...], step_size: float, disable_tta: bool,
           batch_size: str, device: str, save_probabilities: bool, overwrite: bool, trust_checkpoint: bool,
           report_path: Path | None, threads: int | None, strict: bool, check_only: bool, sequential: bool,
-          stock_export: bool) -> None:
+          stock_export: bool, ray_address: str | None, workers: int | None, cpus_per_worker: int,
+          max_retries: int) -> None:
     """Segment CT scans with a bundle (or a plain nnU-Net model), nnU-Net compatible.
 
     Preprocessing, sliding window, mirroring, fold ensembling and export are nnU-Net's own; only the
@@ -225,15 +237,27 @@ def infer(ctx: click.Context, input_path: Path, output_dir: Path, bundle_path: P
         return
     if output_dir is None:
         raise click.UsageError("Missing option '-o' / '--output' (the folder for the segmentations).")
-    from tucker_export.inference import run_inference
-
-    report = run_inference(
-        input_path, output_dir, bundle_path=bundle_path, model_dir=model_dir, backend=backend,
+    common = dict(
+        bundle_path=bundle_path, model_dir=model_dir, backend=backend,
         precision=precision, folds=_split_folds(folds), step_size=step_size, use_mirroring=not disable_tta,
         batch_size=batch_size, device=device, save_probabilities=save_probabilities, overwrite=overwrite,
-        progress=ctx.obj["verbosity"] >= 0, trust_checkpoint=trust_checkpoint, threads=threads, strict=strict,
-        overlap=not sequential, fast_export=not stock_export,
+        progress=ctx.obj["verbosity"] >= 0, trust_checkpoint=trust_checkpoint, strict=strict,
+        fast_export=not stock_export,
     )
+    if ray_address is not None:
+        if threads is not None or sequential:
+            raise click.UsageError("With --ray, engine threads are --cpus-per-worker and cases run one per worker; "
+                                   "drop --threads/--sequential.")
+        from tucker_export.scaleout.ray_inference import run_inference_on_ray
+
+        report = run_inference_on_ray(input_path, output_dir, address=ray_address, workers=workers,
+                                      cpus_per_worker=cpus_per_worker, max_retries=max_retries, **common)
+    else:
+        if workers is not None:
+            raise click.UsageError("--workers needs --ray (a local Ray on this machine, or a cluster's address).")
+        from tucker_export.inference import run_inference
+
+        report = run_inference(input_path, output_dir, threads=threads, overlap=not sequential, **common)
     click.echo(report.summary())
     if report_path is not None:
         from tucker_export._io import write_json_atomic

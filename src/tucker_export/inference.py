@@ -13,7 +13,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,8 @@ class InferenceReport:
     batch_size: int
     overlap: bool = True
     cases_wall_s: float = 0.0  # from the first case's start to the last case's end
+    workers: list[dict] = field(default_factory=list)  # scale-out runs: each worker's device, engine, start-up
+    ray: dict = field(default_factory=dict)  # scale-out runs: the Ray cluster and its start-up seconds
 
     def to_dict(self) -> dict:
         return {
@@ -45,8 +47,11 @@ class InferenceReport:
             "cases_wall_s": round(self.cases_wall_s, 3),
             "cases": [{"name": r.name, "status": r.status, "output": str(r.output) if r.output else None,
                        "error": r.error, "warnings": r.warnings, "seconds": r.seconds,
-                       "peak_rss_mb": round(r.peak_rss_bytes / 1e6) if r.peak_rss_bytes else None}
+                       "peak_rss_mb": round(r.peak_rss_bytes / 1e6) if r.peak_rss_bytes else None,
+                       **({"worker": r.worker, "device": r.device} if r.worker else {})}
                       for r in self.results],
+            **({"workers": self.workers} if self.workers else {}),
+            **({"ray": self.ray} if self.ray else {}),
         }
 
     @property
@@ -71,6 +76,14 @@ class InferenceReport:
             peaks = [r.peak_rss_bytes for r in done if r.peak_rss_bytes]
             if peaks:
                 lines.append(f"peak memory (RSS): {max(peaks) / 1e9:.2f} GB")
+        if self.workers:
+            per_worker = {w["worker"]: sum(r.worker == w["worker"] for r in done) for w in self.workers}
+            lines.append(
+                f"Ray ({self.ray.get('address')}): started in {self.ray.get('start_s', 0):.1f} s, workers ready in "
+                f"{self.ray.get('workers_start_s', 0):.1f} s; cases in {self.cases_wall_s:.1f} s; "
+                + ", ".join(f"{w['worker']} [{w['device']}, {w['backend']}] {per_worker[w['worker']]}"
+                            for w in self.workers)
+            )
         for result in self.failed:
             lines.append(f"FAILED {result.name}: {result.error}")
         return "\n".join(lines)
@@ -244,6 +257,26 @@ def parse_batch_size(value: int | str) -> int:
 
 
 
+def make_predictor(
+    engines: FoldEngines, *, step_size: float, use_mirroring: bool, batch_size: int | str, device: str, progress: bool,
+) -> EnginePredictor:
+    """nnU-Net's predictor over ``engines`` (``batch_size="auto"``: see ``auto_batch_size``); ``.batch_size`` is resolved."""
+    spec = engines.spec
+    if batch_size == "auto":
+        batch_size = auto_batch_size(
+            engines.backend, patch_size=spec.patch_size,
+            mirror_variants=len(mirror_axis_combinations(
+                spec.allowed_mirroring_axes if use_mirroring else None, len(spec.patch_size))),
+        )
+    predictor = EnginePredictor(
+        tile_step_size=step_size, use_mirroring=use_mirroring, batch_size=parse_batch_size(batch_size),
+        # Per-tile bars only on a terminal: in a log file each refresh is a line, hundreds per case.
+        device=device, allow_tqdm=progress and sys.stderr.isatty(),
+    )
+    predictor.initialize(spec, engines.fold_models)
+    return predictor
+
+
 def run_inference(
     input_path: str | Path,
     output_dir: str | Path,
@@ -291,19 +324,8 @@ def run_inference(
         cases = discover_cases(input_path, num_channels=spec.num_input_channels,
                                file_ending=spec.dataset_json["file_ending"])
         logger.info("Backend %s (%s); %d case(s) in %s.", engines.backend, engines.reason, len(cases), input_path)
-        if batch_size == "auto":
-            batch_size = auto_batch_size(
-                engines.backend, patch_size=spec.patch_size,
-                mirror_variants=len(mirror_axis_combinations(
-                    spec.allowed_mirroring_axes if use_mirroring else None, len(spec.patch_size))),
-            )
-        batch_size = parse_batch_size(batch_size)
-        predictor = EnginePredictor(
-            tile_step_size=step_size, use_mirroring=use_mirroring, batch_size=batch_size,
-            # Per-tile bars only on a terminal: in a log file each refresh is a line, hundreds per case.
-            device=device, allow_tqdm=progress and sys.stderr.isatty(),
-        )
-        predictor.initialize(spec, engines.fold_models)
+        predictor = make_predictor(engines, step_size=step_size, use_mirroring=use_mirroring, batch_size=batch_size,
+                                   device=device, progress=progress)
         output_dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         results = run_cases(
@@ -315,7 +337,7 @@ def run_inference(
         )
         return InferenceReport(
             results=results, backend=engines.backend, backend_reason=engines.reason, precision=engines.precision,
-            folds=tuple(engines.fold_models), batch_size=batch_size, overlap=overlap,
+            folds=tuple(engines.fold_models), batch_size=predictor.batch_size, overlap=overlap,
             cases_wall_s=time.perf_counter() - started,
         )
 
