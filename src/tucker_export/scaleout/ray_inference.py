@@ -226,7 +226,7 @@ def ray_session(address: str | None, *, num_cpus: int | None, num_gpus: int | No
     started = time.perf_counter()
     owned = not ray.is_initialized()
     local = address in (None, "", "local")
-    if owned and not local:
+    if not local:
         _check_reachable(address)
     if owned:
         options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
