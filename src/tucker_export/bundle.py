@@ -33,14 +33,13 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tucker_export._io import sha256_file, write_json_atomic
+from tucker_export._io import sha256_file, staged_folder, write_json_atomic
 from tucker_export.errors import BundleError
 
 if TYPE_CHECKING:
@@ -317,22 +316,5 @@ def staged_bundle_dir(target: str | Path, *, overwrite: bool) -> Iterator[Path]:
     """
     target = Path(target)
     check_bundle_target(target, overwrite=overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.staging"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    try:
+    with staged_folder(target) as staging:
         yield staging
-        if target.exists():
-            old = target.parent / f".{target.name}.old"
-            if old.exists():
-                shutil.rmtree(old)
-            target.rename(old)
-            staging.rename(target)
-            shutil.rmtree(old)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

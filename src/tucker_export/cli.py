@@ -414,6 +414,52 @@ def finetune(ctx: click.Context, bundle_path: Path, scans: Path, output: Path | 
     click.echo(format_finetune_report(report))
 
 
+@cli.command("export-triton")
+@click.argument("bundle_path", metavar="BUNDLE", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "repository", required=True, type=click.Path(path_type=Path),
+              help="Triton model repository folder (created; other models in it are left alone).")
+@click.option("--backend", default="onnx", show_default=True,
+              help="onnx: the ONNX export on Triton's onnxruntime backend; tensorrt: the bundle's TensorRT plans, "
+                   "one per GPU kind that has an engine.")
+@click.option("-p", "--precision", "precisions", multiple=True,
+              help="ONNX precisions to serve, fp32 and/or fp16 (repeat or comma-separate) [default: fp32].")
+@click.option("-f", "--folds", multiple=True, help="Folds to serve [default: all in the bundle]; one model each.")
+@click.option("--gpus", default="0", show_default=True,
+              help="Serving machine's GPU numbers, one instance group each (e.g. 0,1), or 'none' for CPU instances.")
+@click.option("--cpu-instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Model instances with --gpus none.")
+@click.option("--gpu-kind", "gpu_kinds", multiple=True,
+              help="tensorrt: only plans of these GPU kinds (e.g. nvidia-h200-sm90) [default: every kind with an engine].")
+@click.option("--name", default=None, help="Model name prefix [default: the bundle folder's name].")
+@click.option("--queue-delay-us", type=click.IntRange(min=0), default=2000, show_default=True,
+              help="Dynamic batching: how long Triton waits to fill a batch.")
+@click.option("--overwrite", is_flag=True, help="Replace models of the same name already in the repository.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the models, files and engine keys as JSON.")
+def export_triton(bundle_path: Path, repository: Path, backend: str, precisions: tuple[str, ...],
+                  folds: tuple[str, ...], gpus: str, cpu_instances: int, gpu_kinds: tuple[str, ...], name: str | None,
+                  queue_delay_us: int, overwrite: bool, report_path: Path | None) -> None:
+    """Write a Triton Inference Server model repository that serves BUNDLE's network.
+
+    One model per fold and precision (REPO/<name>_fold_<f>_<precision>/config.pbtxt and 1/model.onnx,
+    or 1/model.<gpu-kind>.plan for TensorRT), with the bundle's input/output names, dtypes and patch
+    dims, max_batch_size from its batch profile, dynamic batching and one instance group per GPU.
+    Every config is checked against Triton's own ModelConfig schema before it is written. Triton
+    serves patch-sized tiles; the sliding window stays with the client.
+    """
+    from tucker_export._io import write_json_atomic
+    from tucker_export.scaleout.triton import TritonOptions, export_triton_repository, parse_gpu_list
+
+    options = TritonOptions(backend=backend, precisions=tuple(_split_folds(precisions) or ["fp32"]),
+                            folds=tuple(_split_folds(folds) or ()) or None, gpus=parse_gpu_list(gpus),
+                            cpu_instances=cpu_instances, name=name, queue_delay_us=queue_delay_us, overwrite=overwrite)
+    result = export_triton_repository(bundle_path, repository, options,
+                                      gpu_kinds=tuple(_split_folds(gpu_kinds) or ()) or None)
+    if report_path is not None:
+        write_json_atomic(report_path, result.to_dict())
+    click.echo(result.summary())
+
+
 def _split_folds(folds: tuple[str, ...]) -> list[str] | None:
     """`-f 0 -f 1`, `-f 0,1` and `-f 0 1`-style lists all mean folds 0 and 1."""
     parts = [part for value in folds for part in value.replace(",", " ").split()]

@@ -26,18 +26,6 @@ def local_ray():
 
 
 @pytest.fixture(scope="module")
-def demo_bundle(demo_model, tmp_path_factory) -> Path:
-    from tucker_export.exporter.decompose import decompose_model
-    from tucker_export.exporter.onnx_export import export_bundle
-    from tucker_export.exporter.ranks import RankPolicy
-
-    root = tmp_path_factory.mktemp("ray-bundle")
-    bundle = decompose_model(demo_model.model_dir, root / "bundle", policy=RankPolicy(factor=0.3), progress=False, folds=[0])
-    export_bundle(bundle, precisions=("fp32",), progress=False)
-    return bundle.path
-
-
-@pytest.fixture(scope="module")
 def serial_output(demo_model, demo_bundle, tmp_path_factory) -> Path:
     from tucker_export.inference import run_inference
 
