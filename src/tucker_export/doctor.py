@@ -147,7 +147,7 @@ def backend_availability(
             "onnxruntime has the CPU provider" if ort_ok else f"onnxruntime is {packages['onnxruntime']}",
         ),
     ]
-    for provider, label in (("CUDAExecutionProvider", "ort (cuda)"), ("TensorrtExecutionProvider", "ort (tensorrt)")):
+    for provider, label in (("CUDAExecutionProvider", "ort (cuda)"),):
         if provider not in providers:
             why = f"onnxruntime has no {provider}: install the `gpu` extra (onnxruntime-gpu)"
         elif not has_cuda:

@@ -10,7 +10,6 @@ from tucker_export.bundle import Bundle
 from tucker_export.engines.runners import (
     ORT_CPU,
     ORT_CUDA,
-    ORT_TENSORRT,
     OnnxRuntimeRunner,
     TorchRunner,
     ort_providers_for,
@@ -74,8 +73,8 @@ def test_torch_runner_on_cpu_runs_fp32_like_nnunet(exported_bundle):
 def test_ort_provider_choice():
     assert ort_providers_for("cpu", [ORT_CPU]) == [ORT_CPU]
     assert ort_providers_for("cuda", [ORT_CUDA, ORT_CPU], device_index=1) == [(ORT_CUDA, {"device_id": 1}), ORT_CPU]
-    with_trt = ort_providers_for("cuda", [ORT_TENSORRT, ORT_CUDA, ORT_CPU], use_tensorrt_ep=True, trt_cache_dir="/c")
-    assert [p[0] if isinstance(p, tuple) else p for p in with_trt] == [ORT_TENSORRT, ORT_CUDA, ORT_CPU]
+    with_trt_ep = ort_providers_for("cuda", ["TensorrtExecutionProvider", ORT_CUDA, ORT_CPU])
+    assert [p[0] if isinstance(p, tuple) else p for p in with_trt_ep] == [ORT_CUDA, ORT_CPU]
     with pytest.raises(BackendUnavailableError, match="no CUDAExecutionProvider"):
         ort_providers_for("cuda", [ORT_CPU])
 

@@ -11,7 +11,6 @@ import pytest
 from tucker_export.bundle import Bundle
 from tucker_export.engines.runners import ORT_CPU, ORT_CUDA, OnnxRuntimeRunner, TorchRunner
 from tucker_export.engines.selection import (
-    available_backends,
     decide_backend,
     normalize_backend,
     open_runners,
@@ -112,10 +111,3 @@ def test_open_runners_gives_one_open_runner_per_fold(exported_bundle):
     assert all(r.session is None for r in runners.values())
 
 
-def test_available_backends_for_doctor():
-    info = available_backends()
-    data = info.to_dict()
-    assert ORT_CPU in data["onnxruntime_providers"]
-    assert set(info.usable()) == {"torch", "ort", "trt"}
-    if info.tensorrt_version is None:
-        assert info.usable()["trt"].startswith("no: ")

@@ -9,7 +9,7 @@
 - ``tensorrt_backend``: the only module that imports ``tensorrt`` (lazily), for TensorRT 10.x and
   11.x;
 - ``selection``: ``select_backend`` (``auto``: a matching TensorRT engine, else ONNX Runtime on
-  the best provider, else PyTorch) and ``available_backends`` for ``doctor``.
+  the best provider, else PyTorch); ``doctor`` reports what is installed.
 
 Nothing heavy is imported here: ``import tucker_export.engines`` works without tensorrt,
 onnxruntime-gpu or a GPU.

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tucker_export._io import sha256_file, write_bytes_atomic
-from tucker_export.bundle import stale_onnx_reason
+from tucker_export.bundle import onnx_key, stale_onnx_reason
 from tucker_export.engines.keys import (
     ENGINES_SECTION,
     ONNX_SECTION,
@@ -89,7 +89,7 @@ def plan_builds(
     jobs: list[BuildJob] = []
     for fold in folds:
         for precision in precisions:
-            key = f"fold_{fold}.{precision}"
+            key = onnx_key(fold, precision)
             entry = manifest.get(ONNX_SECTION, {}).get(key)
             if entry is None:
                 problems.append(f"no ONNX export {key} (run `{export_command(bundle_path, precision)}`)")

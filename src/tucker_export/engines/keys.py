@@ -23,7 +23,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tucker_export.bundle import export_command  # noqa: F401  (re-exported: callers import it from here)
+from tucker_export.bundle import export_command, onnx_key  # noqa: F401  (export_command is re-exported)
 from tucker_export.errors import ConfigurationError, EngineError, EngineMismatchError
 
 ENGINES_SECTION = "engines"
@@ -273,7 +273,7 @@ def find_engine_record(
     Raises EngineMismatchError with one sentence and the rebuild command when the bundle has
     engines for this fold and precision but none fits, and EngineError when it has none at all.
     """
-    onnx_entry = manifest.get(ONNX_SECTION, {}).get(f"fold_{fold}.{precision}")
+    onnx_entry = manifest.get(ONNX_SECTION, {}).get(onnx_key(fold, precision))
     onnx_sha = onnx_entry.get("sha256") if onnx_entry else None
     candidates = [
         r for r in manifest.get(ENGINES_SECTION, {}).values()

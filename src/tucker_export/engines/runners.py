@@ -183,7 +183,6 @@ class _null_context:
 
 ORT_CPU = "CPUExecutionProvider"
 ORT_CUDA = "CUDAExecutionProvider"
-ORT_TENSORRT = "TensorrtExecutionProvider"
 
 
 def ort_providers_for(
@@ -191,16 +190,14 @@ def ort_providers_for(
     available: Sequence[str],
     *,
     device_index: int = 0,
-    use_tensorrt_ep: bool = False,
-    trt_cache_dir: str | None = None,
     precision: str = "fp32",
 ) -> list[str | tuple[str, dict[str, Any]]]:
     """ONNX Runtime providers (with options) for a device, best first, CPU last as the fallback.
 
-    The TensorRT execution provider is used only when asked for: it builds its own engines when a
-    session opens (minutes, once per shape), and tucker-export's own TensorRT engines cover that
-    case with checked keys. Raises BackendUnavailableError for a CUDA device without the CUDA
-    provider (the CPU-only onnxruntime wheel).
+    ONNX Runtime's TensorRT provider is not offered: it builds its own engines when a session opens
+    (minutes, once per shape), and tucker-export's own TensorRT engines cover that case with checked
+    keys. Raises BackendUnavailableError for a CUDA device without the CUDA provider (the CPU-only
+    onnxruntime wheel).
     """
     providers: list[str | tuple[str, dict[str, Any]]] = []
     if device_type == "cuda":
@@ -209,15 +206,6 @@ def ort_providers_for(
                 "ONNX Runtime here has no CUDAExecutionProvider (the CPU-only onnxruntime wheel); install "
                 "onnxruntime-gpu or run on --device cpu."
             )
-        if use_tensorrt_ep:
-            if ORT_TENSORRT not in available:
-                raise BackendUnavailableError("ONNX Runtime here has no TensorrtExecutionProvider; install onnxruntime-gpu with TensorRT.")
-            trt_options: dict[str, Any] = {"device_id": device_index}
-            if trt_cache_dir:
-                trt_options.update(trt_engine_cache_enable=True, trt_engine_cache_path=trt_cache_dir,
-                                   trt_timing_cache_enable=True, trt_timing_cache_path=trt_cache_dir)
-            # fp16 comes from the graph (strongly typed), as for tucker-export's own engines.
-            providers.append((ORT_TENSORRT, trt_options))
         providers.append((ORT_CUDA, {"device_id": device_index}))
     elif device_type != "cpu":
         raise BackendUnavailableError(f"ONNX Runtime runs on cpu or cuda devices, not {device_type!r}.")
@@ -226,7 +214,7 @@ def ort_providers_for(
 
 
 class OnnxRuntimeRunner(Runner):
-    """ONNX Runtime on the CPU, or on CUDA (CUDA/TensorRT providers) with IO binding on CUDA tensors.
+    """ONNX Runtime on the CPU, or on CUDA (the CUDA provider) with IO binding on CUDA tensors.
 
     CPU defaults are the fastest measured in ``bench/bench_engines.py``: all graph optimisations,
     sequential execution, intra-op threads = physical cores.
@@ -245,7 +233,6 @@ class OnnxRuntimeRunner(Runner):
         graph_optimization: str = "all",
         sequential: bool = True,
         optimized_model_path: str | Path | None = None,
-        use_tensorrt_ep: bool = False,
     ) -> None:
         super().__init__(precision=precision, device=device)
         self.onnx_path = Path(onnx_path)
@@ -254,7 +241,6 @@ class OnnxRuntimeRunner(Runner):
         self.graph_optimization = graph_optimization
         self.sequential = sequential
         self.optimized_model_path = optimized_model_path
-        self.use_tensorrt_ep = use_tensorrt_ep
         self.session: Any = None
         self.providers_used: list[str] = []
 
@@ -285,14 +271,14 @@ class OnnxRuntimeRunner(Runner):
             raise EngineError(f"ONNX file {self.onnx_path} does not exist; run `tucker-export export` first.")
         providers = self._providers or ort_providers_for(
             self.device.type, ort.get_available_providers(), device_index=self.device.index or 0,
-            use_tensorrt_ep=self.use_tensorrt_ep, precision=self.precision,
+            precision=self.precision,
         )
         try:
             self.session = ort.InferenceSession(str(self.onnx_path), self.session_options(), providers=providers)
         except Exception as error:  # ORT raises its own Fail/InvalidGraph/RuntimeException types
             raise EngineError(f"ONNX Runtime cannot load {self.onnx_path} ({error}).") from error
         self.providers_used = list(self.session.get_providers())
-        if self.device.type == "cuda" and ORT_CUDA not in self.providers_used and ORT_TENSORRT not in self.providers_used:
+        if self.device.type == "cuda" and ORT_CUDA not in self.providers_used:
             raise BackendUnavailableError(
                 f"ONNX Runtime fell back to {', '.join(self.providers_used)} for {self.device}; check the CUDA "
                 f"libraries onnxruntime-gpu needs (`tucker-export doctor`)."

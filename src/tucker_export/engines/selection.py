@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,74 +69,6 @@ def uses_openvino(backend: str, precision: str, device_type: str) -> bool:
 def onnx_precision(precision: str) -> str:
     """The ONNX export a precision runs from (``auto``/bf16/int8: fp32, which OpenVINO lowers itself)."""
     return "fp32" if precision in ("auto", "bf16", "int8") else precision
-
-
-# ---- what this machine has ----------------------------------------------------------------------
-
-
-@dataclass
-class BackendInfo:
-    """Inference backends on this machine, for ``doctor`` and for ``select_backend``'s reasons."""
-
-    onnxruntime_version: str | None
-    onnxruntime_providers: list[str]
-    tensorrt_version: str | None
-    tensorrt_status: str  # the version, "not installed", or why it cannot load
-    tensorrt_api: str | None
-    torch_cuda_version: str | None
-    cuda_devices: list[GpuInfo] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["cuda_devices"] = [gpu.to_dict() for gpu in self.cuda_devices]
-        return data
-
-    def usable(self) -> dict[str, str]:
-        """Backend -> 'yes (...)' or 'no: why' in a few words each."""
-        devices = ", ".join(f"cuda:{g.index} {g.describe()}" for g in self.cuda_devices)
-        ort_where = ["cpu"] + (["cuda"] if ORT_CUDA in self.onnxruntime_providers else [])
-        return {
-            "torch": f"yes (cpu{', cuda' if self.cuda_devices else ''})",
-            "ort": f"yes ({', '.join(ort_where)})" if self.onnxruntime_version else "no: onnxruntime is not installed",
-            "trt": (
-                f"yes (TensorRT {self.tensorrt_version} on {devices})"
-                if self.tensorrt_version and self.cuda_devices
-                else f"no: {self.tensorrt_status if not self.tensorrt_version else 'no CUDA GPU visible'}"
-            ),
-        }
-
-
-def available_backends() -> BackendInfo:
-    """ONNX Runtime version and providers, TensorRT version (or why not), CUDA devices."""
-    import torch
-
-    try:
-        import onnxruntime as ort
-
-        ort_version: str | None = ort.__version__
-        providers = list(ort.get_available_providers())
-    except ImportError:
-        ort_version, providers = None, []
-
-    from tucker_export.engines.tensorrt_backend import detect_api, import_tensorrt
-
-    trt_version = trt_api = None
-    try:
-        trt = import_tensorrt()
-        trt_version = str(trt.__version__)
-        trt_api = detect_api(trt).family
-        trt_status = trt_version
-    except BackendUnavailableError as error:
-        trt_status = "not installed" if "not installed" in str(error) else str(error)
-    return BackendInfo(
-        onnxruntime_version=ort_version,
-        onnxruntime_providers=providers,
-        tensorrt_version=trt_version,
-        tensorrt_status=trt_status,
-        tensorrt_api=trt_api,
-        torch_cuda_version=torch.version.cuda,
-        cuda_devices=cuda_devices(),
-    )
 
 
 # ---- the decision -------------------------------------------------------------------------------

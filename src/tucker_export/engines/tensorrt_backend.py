@@ -55,14 +55,6 @@ def import_tensorrt() -> Any:
     return trt
 
 
-def tensorrt_version() -> str | None:
-    """The installed TensorRT version, or None when it cannot be imported."""
-    try:
-        return str(import_tensorrt().__version__)
-    except BackendUnavailableError:
-        return None
-
-
 # ---- API detection ------------------------------------------------------------------------------
 
 

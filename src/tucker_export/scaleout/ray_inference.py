@@ -309,13 +309,7 @@ def run_inference_on_ray(
     """
     from tucker_export.inference import InferenceReport, undecomposed_bundle
 
-    if cpus_per_worker < 1 or (workers is not None and workers < 1) or max_retries < 0:
-        raise ConfigurationError(
-            f"Workers and CPUs per worker must be at least 1 and retries at least 0, got {workers}, "
-            f"{cpus_per_worker} and {max_retries}."
-        )
-    if device not in ("cpu", "cuda"):
-        raise ConfigurationError(f"With Ray, the device is 'cpu' or 'cuda' (one GPU per worker), got {device!r}.")
+    _check_options(workers, cpus_per_worker, max_retries, device)
     bundle = _resolve_bundle(bundle_path, model_dir, backend, precision, trust_checkpoint, undecomposed_bundle)
     input_path, output_dir = Path(input_path).resolve(), Path(output_dir).resolve()
     cases, results = _cases_to_do(bundle, input_path, output_dir, overwrite)
@@ -349,13 +343,29 @@ def run_inference_on_ray(
         results.update(_dispatch(pool, live, cases, output_dir=output_dir, file_ending=bundle.spec.dataset_json["file_ending"],
                                  max_retries=max_retries, progress=progress, on_dispatch=on_dispatch))
         wall = time.perf_counter() - started
-    opened = pool.opened
-    return InferenceReport(
-        results=[results[name] for name in results], backend=_joined(o["backend"] for o in opened),
-        backend_reason=_joined(f"{o['worker']}: {o['reason']}" for o in opened[:1]) + (
-            f" (and {len(opened) - 1} more worker(s))" if len(opened) > 1 else ""),
-        precision=_joined(o["precision"] for o in opened), folds=selected_folds,
-        batch_size=opened[0]["batch_size"], overlap=False, cases_wall_s=wall, workers=opened, ray=session,
+    return _report(InferenceReport, [results[name] for name in results], pool.opened, selected_folds, wall, session)
+
+
+def _check_options(workers: int | None, cpus_per_worker: int, max_retries: int, device: str) -> None:
+    if cpus_per_worker < 1 or (workers is not None and workers < 1) or max_retries < 0:
+        raise ConfigurationError(
+            f"Workers and CPUs per worker must be at least 1 and retries at least 0, got {workers}, "
+            f"{cpus_per_worker} and {max_retries}."
+        )
+    if device not in ("cpu", "cuda"):
+        raise ConfigurationError(f"With Ray, the device is 'cpu' or 'cuda' (one GPU per worker), got {device!r}.")
+
+
+def _report(report_class: Any, results: list, opened: list[dict[str, Any]], folds: Any, wall: float,
+            session: dict[str, Any]) -> Any:
+    """The run's InferenceReport: the backends, precisions and reasons of every worker that opened."""
+    reason = _joined(f"{o['worker']}: {o['reason']}" for o in opened[:1])
+    if len(opened) > 1:
+        reason += f" (and {len(opened) - 1} more worker(s))"
+    return report_class(
+        results=results, backend=_joined(o["backend"] for o in opened), backend_reason=reason,
+        precision=_joined(o["precision"] for o in opened), folds=folds, batch_size=opened[0]["batch_size"],
+        overlap=False, cases_wall_s=wall, workers=opened, ray=session,
     )
 
 

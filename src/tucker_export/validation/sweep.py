@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tucker_export._io import write_json_atomic
+from tucker_export.bundle import onnx_key
 from tucker_export.errors import ConfigurationError, InputImageError, ModelFolderError
 from tucker_export.validation.bench import (
     EndToEnd,
@@ -428,7 +429,7 @@ def _sweep_rows(
         compute = compute_figures(bundle.manifest)[str(latency_fold)]
         # The original's "before" counts are the reference of every row's ratio (they are equal by construction).
         speedup["macs_bound"] = compute.get("macs_speedup_bound")
-        onnx_entry = bundle.manifest.get("onnx", {}).get(f"fold_{latency_fold}.{precision}")
+        onnx_entry = bundle.manifest.get("onnx", {}).get(onnx_key(latency_fold, precision))
         rows.append(SweepRow(
             label=label, rank_factor=factor, rank_policy=bundle.manifest.get("rank_policy", {}), compute=compute,
             onnx_bytes=_file_size(bundle.artifact_path(onnx_entry["file"])) if onnx_entry else None,
