@@ -7,14 +7,18 @@ Every file tucker-export writes goes through a temporary file in the same folder
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger("tucker_export")
 
 
 @contextlib.contextmanager
@@ -92,3 +96,32 @@ def staged_folder(target: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def user_cache_dir() -> Path:
+    """``$TUCKER_EXPORT_CACHE`` if set, else ``$XDG_CACHE_HOME/tucker-export``, else ``~/.cache/tucker-export``."""
+    explicit = os.environ.get("TUCKER_EXPORT_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "tucker-export"
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, waiting: str = "Another process holds %s; waiting for it to finish") -> Iterator[None]:
+    """Hold an exclusive ``fcntl`` lock on ``path``; a second process blocks here until the first is done.
+
+    ``waiting`` is logged (with the lock's path) when the lock is taken, so a wait is never silent.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info(waiting, path)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

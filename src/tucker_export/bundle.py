@@ -205,6 +205,9 @@ class Bundle:
         weights = self.weights_path(fold)
         if not weights.is_file():
             raise BundleError(f"Bundle {self.path} lacks the weights of fold {fold} ({weights}).")
+        if entry["weights"].get("sha256"):
+            # A weights file changed behind the manifest would silently disagree with its exports and gates.
+            self.verify_file(entry["weights"]["file"], entry["weights"]["sha256"])
         network = self.spec.build_network()
         apply_factorized_structure(network, entry["layers"])
         try:

@@ -184,11 +184,12 @@ def runner_fold_model(runner, device: torch.device) -> FoldModel:
 def undecomposed_bundle(model_dir: str | Path, *, precision: str | None = None, trust_checkpoint: bool = False):
     """A cached bundle of the undecomposed model (rank mode ``none``), so -m runs through the same engines.
 
-    It lives in the cache folder under the model's checksum and is made once; with ``precision``
-    its ONNX export for that precision is made once too.
+    It lives in the user cache folder (``$TUCKER_EXPORT_CACHE`` or ``~/.cache/tucker-export``) under
+    the model's checksum and is made once; with ``precision`` its ONNX export for that precision is
+    made once too. A lock beside it makes concurrent runs wait for one preparation.
     """
+    from tucker_export._io import exclusive_lock, user_cache_dir
     from tucker_export.bundle import Bundle, model_checksum
-    from tucker_export.demo import demo_cache_dir
     from tucker_export.exporter.decompose import decompose_model
     from tucker_export.exporter.onnx_export import export_bundle, onnx_key
     from tucker_export.exporter.ranks import RankPolicy
@@ -199,17 +200,20 @@ def undecomposed_bundle(model_dir: str | Path, *, precision: str | None = None, 
     if not folds:
         raise ModelFolderError(f"{model_dir} has no fold_N/checkpoint_final.pth; is it an nnU-Net trained model folder?")
     checksum = model_checksum(model_dir, [model_dir / f"fold_{f}" / "checkpoint_final.pth" for f in folds])
-    target = demo_cache_dir() / "bundles" / f"original-{checksum[:16]}"
-    if (target / "bundle.json").is_file():
-        bundle = Bundle.load(target)
-    else:
-        logger.info("Preparing an undecomposed bundle of %s in %s (once per model).", model_dir, target)
-        bundle = decompose_model(model_dir, target, policy=RankPolicy(mode="none"), overwrite=True,
-                                 trust_checkpoint=trust_checkpoint, progress=False)
-    missing = [f for f in bundle.folds if onnx_key(f, precision) not in bundle.manifest.get("onnx", {})] if precision else []
-    if missing:
-        logger.info("Exporting the undecomposed model to ONNX (%s), once per model.", precision)
-        export_bundle(bundle, precisions=(precision,), folds=missing, progress=False)
+    target = user_cache_dir() / "bundles" / f"original-{checksum[:16]}"
+    with exclusive_lock(target.parent / f".{target.name}.lock",
+                        "Another process is preparing the undecomposed bundle (lock %s); waiting for it"):
+        if (target / "bundle.json").is_file():
+            bundle = Bundle.load(target)
+        else:
+            logger.info("Preparing an undecomposed bundle of %s in %s (once per model).", model_dir, target)
+            bundle = decompose_model(model_dir, target, policy=RankPolicy(mode="none"), overwrite=True,
+                                     trust_checkpoint=trust_checkpoint, progress=False)
+        onnx = bundle.manifest.get("onnx", {})
+        missing = [f for f in bundle.folds if onnx_key(f, precision) not in onnx] if precision else []
+        if missing:
+            logger.info("Exporting the undecomposed model to ONNX (%s), once per model.", precision)
+            export_bundle(bundle, precisions=(precision,), folds=missing, progress=False)
     return bundle
 
 

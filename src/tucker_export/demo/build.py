@@ -30,16 +30,15 @@ Cache layout (``<cache>/demo-v<RECIPE_VERSION>/``)::
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tucker_export._io import exclusive_lock, user_cache_dir
 from tucker_export.demo.recipe import (
     _LOG_NAME,
     _REPORT_NAME,
@@ -136,13 +135,8 @@ class DemoModel:
 
 
 def demo_cache_dir() -> Path:
-    """``$TUCKER_EXPORT_CACHE`` if set, else ``$XDG_CACHE_HOME/tucker-export``, else ``~/.cache/tucker-export``."""
-    explicit = os.environ.get("TUCKER_EXPORT_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "tucker-export"
+    """The user cache folder (``_io.user_cache_dir``); the demo lives in its ``demo-v<N>`` folder."""
+    return user_cache_dir()
 
 
 def ensure_demo_model(cache_dir: Path | None = None, *, progress: bool = True) -> DemoModel:
@@ -253,19 +247,8 @@ def _load_existing(root: Path) -> DemoModel | None:
     return model
 
 
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``fcntl`` lock on ``path``; a second process blocks here until the first is done."""
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("Another process is building the demo model; waiting for it to finish")
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+def _exclusive_lock(path: Path) -> contextlib.AbstractContextManager[None]:
+    return exclusive_lock(path, "Another process is building the demo model (lock %s); waiting for it to finish")
 
 
 def _remove_leftovers(cache: Path, final: Path) -> None:
