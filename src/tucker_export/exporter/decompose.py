@@ -49,7 +49,7 @@ from tucker_export.bundle import (
     new_manifest,
     staged_bundle_dir,
 )
-from tucker_export.errors import BackendUnavailableError, RankPolicyError
+from tucker_export.errors import BackendUnavailableError, ConfigurationError
 from tucker_export.exporter.counting import NetworkCount, count_network, module_params
 from tucker_export.exporter.ranks import LayerCost, LayerSpectrum, RankPolicy, allocate_budget, layer_ranks
 from tucker_export.exporter.tucker import (
@@ -170,7 +170,7 @@ def decompose_network(
     process shares the cores, OpenMP's spin-waiting made two threads 3-10x slower (measured).
     """
     if threads is not None and threads < 1:
-        raise RankPolicyError(f"threads must be >= 1 or None, got {threads}.")
+        raise ConfigurationError(f"threads must be >= 1 or None, got {threads}.")
     with cpu_threads(threads if torch.device(device).type == "cpu" else None):
         return _decompose_network(network, input_shape, policy, skip=skip, hooi_iterations=hooi_iterations,
                                   device=device, progress=progress, description=description)
@@ -189,7 +189,7 @@ def _decompose_network(
 ) -> DecompositionResult:
     policy.validate()
     if hooi_iterations < 0:
-        raise RankPolicyError(f"--hooi-iterations must be >= 0, got {hooi_iterations}.")
+        raise ConfigurationError(f"--hooi-iterations must be >= 0, got {hooi_iterations}.")
     started = time.perf_counter()
     timings: dict[str, float] = {}
     clock = [started]
@@ -383,7 +383,7 @@ def decompose_model(
 
     policy = (policy or RankPolicy()).validate()
     if hooi_iterations < 0:
-        raise RankPolicyError(f"--hooi-iterations must be >= 0, got {hooi_iterations}.")
+        raise ConfigurationError(f"--hooi-iterations must be >= 0, got {hooi_iterations}.")
     torch_device = _check_device(device)
     checkpoint_name = checkpoint_name or DEFAULT_CHECKPOINT
     model_dir = Path(model_dir)
@@ -440,11 +440,11 @@ def _check_device(device: str) -> torch.device:
     try:
         torch_device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise RankPolicyError(f"--device must be 'cpu' or 'cuda[:N]', got {device!r}.") from None
+        raise ConfigurationError(f"--device must be 'cpu' or 'cuda[:N]', got {device!r}.") from None
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailableError(f"--device {device} needs a CUDA GPU, and torch sees none here; use --device cpu.")
     if torch_device.type not in ("cpu", "cuda"):
-        raise RankPolicyError(f"--device must be 'cpu' or 'cuda[:N]', got {device!r}.")
+        raise ConfigurationError(f"--device must be 'cpu' or 'cuda[:N]', got {device!r}.")
     return torch_device
 
 
