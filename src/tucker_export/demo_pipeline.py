@@ -46,20 +46,18 @@ class DemoReport:
 
 
 def _dice_per_structure(pred_dir: Path, ref_dir: Path, label_names: dict[int, str]) -> dict[str, float]:
-    import SimpleITK as sitk
+    """Mean Dice per structure over the cases; a structure absent from both maps of a case is left out there."""
+    import math
 
-    from tucker_export.validation.metrics import compute_class_metrics
+    from tucker_export.validation.metrics import label_dice, read_label_map
 
     scores: dict[str, list[float]] = {}
+    labels = [label for label in label_names if label != 0]
     for ref_path in sorted(ref_dir.glob("*.nii.gz")):
-        reference_image = sitk.ReadImage(str(ref_path))
-        reference = sitk.GetArrayFromImage(reference_image)
-        prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir / ref_path.name)))
-        spacing = tuple(reversed(reference_image.GetSpacing()))
-        labels = [label for label in label_names if label != 0]
-        for label, metrics in compute_class_metrics(prediction, reference, labels, spacing).items():
-            if metrics.status != "absent":
-                scores.setdefault(label_names[label], []).append(float(metrics.dice))
+        dice = label_dice(read_label_map(pred_dir / ref_path.name), read_label_map(ref_path), labels)
+        for label, score in dice.items():
+            if not math.isnan(score):
+                scores.setdefault(label_names[label], []).append(score)
     return {name: float(np.mean(values)) for name, values in scores.items()}
 
 

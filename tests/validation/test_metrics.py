@@ -364,3 +364,22 @@ def test_class_metrics_is_frozen():
     m = _one(_cube((2, 2, 2)), _cube((2, 2, 2)), (1.0, 1.0, 1.0))
     with pytest.raises(AttributeError):
         m.dice = 0.0  # type: ignore[misc]
+
+
+def test_label_dice_and_the_label_reader(tmp_path):
+    import SimpleITK as sitk
+
+    from tucker_export.validation.metrics import label_dice, read_label_map
+
+    ref = np.zeros((4, 5, 6), dtype=np.uint8)
+    ref[:2] = 1
+    pred = ref.copy()
+    pred[0] = 2
+    scores = label_dice(pred, ref, [1, 2, 3])
+    assert scores[1] == pytest.approx(2 * 30 / (30 + 60)) and scores[2] == 0.0 and math.isnan(scores[3])
+    path = tmp_path / "seg.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(ref), str(path))
+    assert np.array_equal(read_label_map(path), ref)
+    (tmp_path / "broken.nii.gz").write_bytes(b"not a nifti")
+    with pytest.raises(InputImageError, match="broken.nii.gz cannot be read"):
+        read_label_map(tmp_path / "broken.nii.gz")

@@ -130,9 +130,9 @@ def _run_mode(mode: str, scans: Path, out: Path, bundle: Path, backend: str, pre
 
 
 def _voxels(folder: Path) -> dict[str, np.ndarray]:
-    import SimpleITK as sitk
+    from tucker_export.validation.metrics import read_label_map
 
-    return {p.name: sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in sorted(folder.glob("*.nii.gz"))}
+    return {p.name: read_label_map(p) for p in sorted(folder.glob("*.nii.gz"))}
 
 
 def main() -> int:

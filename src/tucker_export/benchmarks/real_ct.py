@@ -87,17 +87,15 @@ def _stages(report_path: Path) -> dict[str, float]:
 
 
 def _dice_per_class(reference_dir: Path, candidate_dir: Path) -> dict[str, float]:
-    import SimpleITK as sitk
+    from tucker_export.validation.metrics import label_dice, read_label_map
 
     per_class: dict[int, list[float]] = {}
     for ref_path in sorted(reference_dir.glob("*.nii.gz")):
-        ref = sitk.GetArrayFromImage(sitk.ReadImage(str(ref_path)))
-        cand = sitk.GetArrayFromImage(sitk.ReadImage(str(candidate_dir / ref_path.name)))
-        for label in sorted(set(np.unique(ref).tolist()) | set(np.unique(cand).tolist())):
-            if label == 0:
-                continue
-            a, b = ref == label, cand == label
-            per_class.setdefault(int(label), []).append(float(2 * (a & b).sum() / (a.sum() + b.sum())))
+        ref = read_label_map(ref_path)
+        cand = read_label_map(candidate_dir / ref_path.name)
+        labels = sorted((set(np.unique(ref).tolist()) | set(np.unique(cand).tolist())) - {0})
+        for label, score in label_dice(cand, ref, labels).items():
+            per_class.setdefault(label, []).append(score)
     return {str(k): round(float(np.mean(v)), 4) for k, v in sorted(per_class.items())}
 
 

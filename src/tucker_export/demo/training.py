@@ -296,9 +296,10 @@ def _evaluate(
 ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Predict the held-out cases with nnU-Net's own predictor (all folds, mirroring) and compute Dice with numpy."""
     import numpy as np
-    import SimpleITK as sitk
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from tucker_export.validation.metrics import read_label_map
 
     predictor = nnUNetPredictor(
         tile_step_size=0.5,
@@ -320,7 +321,7 @@ def _evaluate(
         [prediction] = predictor.predict_from_files_sequential(
             [[str(image_path)]], None, save_probabilities=False
         )
-        reference = sitk.GetArrayFromImage(sitk.ReadImage(str(test_root / "labelsTs" / f"{case}.nii.gz")))
+        reference = read_label_map(test_root / "labelsTs" / f"{case}.nii.gz")
         per_case[case] = _dice_per_label(np.asarray(prediction), reference)
         bar.update()
 
@@ -334,17 +335,11 @@ def _evaluate(
 
 def _dice_per_label(prediction: Any, reference: Any) -> dict[str, float]:
     """Dice per foreground structure; NaN where a structure is absent from both maps."""
-    import numpy as np
+    from tucker_export.validation.metrics import label_dice
 
     if prediction.shape != reference.shape:
         raise DemoBuildError(
             f"nnU-Net returned a {prediction.shape} prediction for a {reference.shape} reference."
         )
-    out = {}
-    for value, name in LABEL_NAMES.items():
-        if not value:
-            continue
-        p, r = prediction == value, reference == value
-        denom = int(p.sum()) + int(r.sum())
-        out[name] = round(2.0 * int(np.logical_and(p, r).sum()) / denom, 4) if denom else float("nan")
-    return out
+    scores = label_dice(prediction, reference, [value for value in LABEL_NAMES if value])
+    return {LABEL_NAMES[value]: score if math.isnan(score) else round(score, 4) for value, score in scores.items()}

@@ -201,16 +201,13 @@ GATE_BARS: dict[str, GateBar] = {
 
 def class_dice_of_argmax(reference: np.ndarray, candidate: np.ndarray, min_voxels: int = 1) -> dict[int, float]:
     """Dice of each foreground class with ``min_voxels`` or more in the reference's argmax, candidate vs reference."""
+    from tucker_export.validation.metrics import label_dice
+
     ref = reference.argmax(axis=1)
     cand = candidate.argmax(axis=1)
-    dice: dict[int, float] = {}
     labels, counts = np.unique(ref, return_counts=True)
-    for label, count in zip(labels.tolist(), counts.tolist()):
-        if label == 0 or count < min_voxels:
-            continue
-        a, b = ref == label, cand == label
-        dice[int(label)] = float(2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
-    return dice
+    kept = [int(label) for label, count in zip(labels.tolist(), counts.tolist(), strict=True) if label and count >= min_voxels]
+    return label_dice(cand, ref, kept)
 
 
 def judge_gate(reference: np.ndarray, candidate: np.ndarray, precision: str, *, label: str) -> dict[str, Any]:

@@ -58,6 +58,7 @@ import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -132,6 +133,27 @@ def dice_score(a: np.ndarray, b: np.ndarray) -> float:
     if total == 0:
         return math.nan
     return 2.0 * int(np.count_nonzero(a_mask & b_mask)) / total
+
+
+def label_dice(prediction: np.ndarray, reference: np.ndarray, labels: Sequence[int]) -> dict[int, float]:
+    """Dice of each label of two label maps of any shape (``dice_score`` of their masks): NaN where both lack it.
+
+    Any number of axes is accepted, so a batch of tiles' argmax maps is scored as one volume.
+    """
+    pred, ref = np.asarray(prediction), np.asarray(reference)
+    if pred.shape != ref.shape:
+        raise InputImageError(f"Prediction and reference must have identical shapes, got {pred.shape} and {ref.shape}.")
+    return {int(label): dice_score(pred == label, ref == label) for label in labels}
+
+
+def read_label_map(path: str | Path) -> np.ndarray:
+    """A label map file's voxels in SimpleITK's (z, y, x) order, the one reader of segmentations here."""
+    import SimpleITK as sitk
+
+    try:
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    except RuntimeError as error:  # SimpleITK raises RuntimeError for unreadable files
+        raise InputImageError(f"Label map {path} cannot be read ({str(error).strip().splitlines()[-1]}).") from None
 
 
 def compute_class_metrics(

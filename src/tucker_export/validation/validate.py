@@ -130,12 +130,10 @@ def _segmentation(predictor, spec: ModelSpec, logits: torch.Tensor, properties: 
 
 
 def _read_labels(labels_dir: Path, case: str, file_ending: str) -> np.ndarray | None:
-    import SimpleITK as sitk
+    from tucker_export.validation.metrics import read_label_map
 
     path = labels_dir / f"{case}{file_ending}"
-    if not path.is_file():
-        return None
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    return read_label_map(path) if path.is_file() else None
 
 
 def validate_bundle(
