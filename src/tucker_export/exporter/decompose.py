@@ -41,6 +41,8 @@ from torch.nn.modules.conv import _ConvNd
 from tqdm.auto import tqdm
 
 from tucker_export._io import sha256_file, write_json_atomic
+from tucker_export._text import human as _human
+from tucker_export._text import table as _table
 from tucker_export.bundle import (
     MANIFEST_NAME,
     Bundle,
@@ -451,25 +453,8 @@ def _check_device(device: str) -> torch.device:
 # ---- summary table -----------------------------------------------------------------------------
 
 
-def _human(value: float, unit: str = "") -> str:
-    for threshold, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= threshold:
-            return f"{value / threshold:.2f}{suffix}{unit}"
-    return f"{value:.0f}{unit}"
-
-
 def _ratio(after: float, before: float) -> str:
     return f"{after / before:.3f}" if before else "-"
-
-
-def _table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(row: list[str]) -> str:
-        cells = [str(c).ljust(w) if a == "l" else str(c).rjust(w) for c, w, a in zip(row, widths, align)]
-        return "  ".join(cells).rstrip()
-
-    return [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
 
 
 def format_summary(bundle: Bundle | dict[str, Any], *, verbose: bool = False) -> str:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tucker_export._io import write_json_atomic
+from tucker_export._text import human as _human
 from tucker_export.errors import ConfigurationError, InputImageError, TuckerExportError
 from tucker_export.validation.bench_common import (
     DEFAULT_SEED,
@@ -408,15 +409,6 @@ def bench_bundle(
 
 def _mb(value: int | None) -> str:
     return f"{value / 2**20:.1f}" if value is not None else "-"
-
-
-def _human(value: float | None) -> str:
-    if value is None:
-        return "-"
-    for threshold, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= threshold:
-            return f"{value / threshold:.2f}{suffix}"
-    return f"{value:.0f}"
 
 
 def format_bench_report(report: BenchReport | Mapping[str, Any]) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from tucker_export._text import table as _table  # noqa: F401  (bench and sweep_report import it from here)
 from tucker_export.errors import ConfigurationError
 
 DEFAULT_SEED = 0
@@ -53,13 +54,3 @@ def _check_counts(warmup: int, repeats: int) -> None:
         raise ConfigurationError(f"--warmup must be an integer >= 0, got {warmup!r}.")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ConfigurationError(f"--repeats must be an integer >= 1, got {repeats!r}.")
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> list[str]:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(row: Sequence[str]) -> str:
-        cells = [str(c).ljust(w) if a == "l" else str(c).rjust(w) for c, w, a in zip(row, widths, align)]
-        return "  ".join(cells).rstrip()
-
-    return [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
