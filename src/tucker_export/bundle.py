@@ -60,17 +60,10 @@ def fold_key(fold: Fold) -> str:
 
 def versions() -> dict[str, str]:
     """Versions that matter for reproducing a bundle."""
-    from importlib.metadata import PackageNotFoundError, version
-
     import tucker_export
+    from tucker_export._env import package_versions
 
-    found = {"tucker_export": tucker_export.__version__}
-    for package in ("nnunetv2", "torch"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = "not installed"
-    return found
+    return {"tucker_export": tucker_export.__version__, **package_versions(("nnunetv2", "torch"))}
 
 
 def utc_now() -> str:

@@ -64,12 +64,9 @@ def _package_version(module_name: str) -> str:
 
 
 def _nnunet_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from tucker_export._env import package_version
 
-    try:
-        return version("nnunetv2")
-    except PackageNotFoundError:
-        return "not installed"
+    return package_version("nnunetv2")
 
 
 def cuda_devices() -> list[CudaDevice]:

@@ -242,12 +242,9 @@ def _build(root: Path, *, progress: bool) -> None:
 
 
 def _dist_version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from tucker_export._env import package_version
 
-    try:
-        return version(name)
-    except PackageNotFoundError:  # pragma: no cover
-        return "unknown"
+    return package_version(name, "unknown")
 
 
 def _find_trainer_class(env: dict[str, str]) -> Any:

@@ -144,15 +144,9 @@ def onnx_relpath(fold: Fold, precision: str) -> str:
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
+    from tucker_export._env import package_versions
 
-    found = {}
-    for package in ("torch", "onnx", "onnxruntime", "onnxconverter-common"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = "not installed"
-    return found
+    return package_versions(("torch", "onnx", "onnxruntime", "onnxconverter-common"))
 
 
 # ---- option checks ------------------------------------------------------------------------------

@@ -27,19 +27,13 @@ def _loadavg() -> float | None:
 
 def environment() -> dict[str, Any]:
     """What the numbers depend on: CPU, threads, library versions, GPUs, and the load right now."""
-    from importlib.metadata import PackageNotFoundError, version
-
     import torch
 
+    from tucker_export._env import package_versions
     from tucker_export.engines.runners import physical_cores
 
-    versions: dict[str, str | None] = {}
-    for package in ("tucker-export", "torch", "onnxruntime", "onnxruntime-gpu", "tensorrt", "openvino", "nncf",
-                    "nnunetv2", "numpy"):
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = None
+    versions = package_versions(("tucker-export", "torch", "onnxruntime", "onnxruntime-gpu", "tensorrt", "openvino",
+                                 "nncf", "nnunetv2", "numpy"), missing=None)
     from tucker_export.engines.cpu_keys import detect_cpu
 
     cpu = detect_cpu()  # one read of /proc/cpuinfo: model name and the ISA features the CPU engines key on
