@@ -12,13 +12,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-
-@dataclass
-class CudaDevice:
-    index: int
-    name: str
-    compute_capability: str
-    memory_gib: float
+from tucker_export.engines.keys import GpuInfo, cuda_devices
 
 
 @dataclass
@@ -45,7 +39,7 @@ class Diagnostics:
     platform: str
     packages: dict[str, str]
     onnxruntime_providers: list[str]
-    cuda_devices: list[CudaDevice]
+    cuda_devices: list[GpuInfo]
     backends: list[Backend] = field(default_factory=list)
     cpu: CpuReport | None = None
 
@@ -67,28 +61,6 @@ def _nnunet_version() -> str:
     from tucker_export._env import package_version
 
     return package_version("nnunetv2")
-
-
-def cuda_devices() -> list[CudaDevice]:
-    """CUDA devices as PyTorch sees them (empty without a CUDA build or driver)."""
-    try:
-        import torch
-    except ImportError:
-        return []
-    if not torch.cuda.is_available():
-        return []
-    devices = []
-    for index in range(torch.cuda.device_count()):
-        props = torch.cuda.get_device_properties(index)
-        devices.append(
-            CudaDevice(
-                index=index,
-                name=props.name,
-                compute_capability=f"{props.major}.{props.minor}",
-                memory_gib=round(props.total_memory / 2**30, 1),
-            )
-        )
-    return devices
 
 
 def onnxruntime_providers() -> list[str]:
@@ -124,7 +96,7 @@ def cpu_precisions(features: list[str], capabilities: list[str], problem: str | 
 
 
 def backend_availability(
-    packages: dict[str, str], providers: list[str], devices: list[CudaDevice]
+    packages: dict[str, str], providers: list[str], devices: list[GpuInfo]
 ) -> list[Backend]:
     """Which inference backends work here, each with the reason (plain logic, tested without GPUs)."""
     has_cuda = bool(devices)
@@ -204,8 +176,8 @@ def format_diagnostics(diagnostics: Diagnostics) -> str:
     if diagnostics.cuda_devices:
         for device in diagnostics.cuda_devices:
             lines.append(
-                f"cuda:{device.index}        {device.name}, compute capability {device.compute_capability}, "
-                f"{device.memory_gib} GiB"
+                f"cuda:{device.index}        {device.name}, compute capability "
+                f"{'.'.join(map(str, device.compute_capability))}, {device.total_memory_bytes / 2**30:.1f} GiB"
             )
     else:
         lines.append("cuda devices  none")

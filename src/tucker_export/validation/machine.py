@@ -30,6 +30,7 @@ def environment() -> dict[str, Any]:
     import torch
 
     from tucker_export._env import package_versions
+    from tucker_export.engines.keys import cuda_devices
     from tucker_export.engines.runners import physical_cores
 
     versions = package_versions(("tucker-export", "torch", "onnxruntime", "onnxruntime-gpu", "tensorrt", "openvino",
@@ -37,12 +38,7 @@ def environment() -> dict[str, Any]:
     from tucker_export.engines.cpu_keys import detect_cpu
 
     cpu = detect_cpu()  # one read of /proc/cpuinfo: model name and the ISA features the CPU engines key on
-    gpus = []
-    if torch.cuda.is_available():
-        for index in range(torch.cuda.device_count()):
-            props = torch.cuda.get_device_properties(index)
-            gpus.append({"index": index, "name": props.name, "memory_bytes": int(props.total_memory),
-                         "compute_capability": [props.major, props.minor]})
+    gpus = [gpu.to_dict() for gpu in cuda_devices()]
     return {
         "platform": platform.platform(),
         "python": platform.python_version(),
