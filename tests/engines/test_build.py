@@ -87,7 +87,7 @@ def test_build_without_tensorrt_or_cuda_says_so_in_one_sentence(exported_bundle)
 
 @pytest.mark.skipif(tensorrt_and_cuda(), reason="this machine has TensorRT and a GPU")
 def test_build_command_exits_1_without_tensorrt(exported_bundle):
-    from tucker_export.engines.cli_build import build_command
+    from tucker_export.cli.build import build_command
 
     try:  # through the real CLI group when the lead has registered the command there
         from tucker_export.cli import cli
@@ -104,7 +104,7 @@ def test_build_command_exits_1_without_tensorrt(exported_bundle):
 
 
 def test_build_command_refuses_a_bad_profile_before_any_work(exported_bundle):
-    from tucker_export.engines.cli_build import build_command
+    from tucker_export.cli.build import build_command
 
     result = CliRunner().invoke(build_command, [str(exported_bundle), "--batch", "4:2:1"])
     assert isinstance(result.exception, ConfigurationError)

@@ -108,7 +108,7 @@ def test_importing_the_engines_package_does_not_import_tensorrt():
 
     code = (
         "import sys, tucker_export.engines, tucker_export.engines.selection, tucker_export.engines.build, "
-        "tucker_export.engines.cli_build, tucker_export.engines.tensorrt_backend;"
+        "tucker_export.cli.build, tucker_export.engines.tensorrt_backend;"
         "print('tensorrt' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

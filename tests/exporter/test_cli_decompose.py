@@ -6,8 +6,8 @@ import pytest
 from click.testing import CliRunner
 
 from tucker_export.bundle import Bundle
+from tucker_export.cli.decompose import decompose_command
 from tucker_export.errors import BundleError, ModelFolderError, RankPolicyError
-from tucker_export.exporter.cli_decompose import decompose_command
 
 from ._nets import model_folder
 

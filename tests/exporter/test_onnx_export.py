@@ -294,7 +294,7 @@ def test_precision_lists_are_normalised():
 def test_export_command_prints_a_table(factory_bundles, tmp_path):
     import shutil
 
-    from tucker_export.exporter.cli_export import export_command
+    from tucker_export.cli.export import export_command
 
     path = tmp_path / "b"
     shutil.copytree(factory_bundles["none"], path)

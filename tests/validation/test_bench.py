@@ -19,10 +19,10 @@ from factories import make_model_folder
 
 from tucker_export.bundle import Bundle
 from tucker_export.cli import _Group
+from tucker_export.cli.bench import bench_command
 from tucker_export.errors import ConfigurationError
 from tucker_export.validation.bench import bench_bundle, format_bench_report
 from tucker_export.validation.bench_common import parse_batch_sizes
-from tucker_export.validation.cli_bench import bench_command
 from tucker_export.validation.sweep import parse_rank_factors
 from tucker_export.validation.timing import latency
 

@@ -14,21 +14,8 @@ from pathlib import Path
 import click
 
 from tucker_export.bundle import check_bundle_target
+from tucker_export.cli.options import split_folds, verbosity
 from tucker_export.errors import RankPolicyError
-
-
-def _verbosity(ctx: click.Context) -> int:
-    """The group's ``-v`` count (stored in ``ctx.obj['verbosity']``); 0 when run on its own."""
-    obj = ctx.find_root().obj
-    if isinstance(obj, dict):
-        return int(obj.get("verbosity", 0) or 0)
-    return 0
-
-
-def _split_folds(folds: tuple[str, ...]) -> list[str] | None:
-    """``-f 0 -f 1``, ``-f 0,1`` and ``-f "0 1"`` all mean folds 0 and 1."""
-    parts = [part for value in folds for part in value.replace(",", " ").split()]
-    return parts or None
 
 
 @click.command("decompose")
@@ -105,18 +92,18 @@ def decompose_command(
         round_to=round_to,
     ).validate()
     check_bundle_target(output, overwrite=overwrite)
-    verbosity = _verbosity(ctx)
+    level = verbosity(ctx)
     bundle = decompose_model(
         model_dir,
         output,
-        folds=_split_folds(folds),
+        folds=split_folds(folds),
         policy=policy,
         configuration=configuration,
         overwrite=overwrite,
         device=device,
         hooi_iterations=hooi_iterations,
         trust_checkpoint=trust_checkpoint,
-        progress=verbosity >= 0,
+        progress=level >= 0,
     )
-    click.echo(format_summary(bundle, verbose=verbosity >= 1), nl=False)
+    click.echo(format_summary(bundle, verbose=level >= 1), nl=False)
     click.echo(f"Bundle written to {bundle.path}")

@@ -8,11 +8,9 @@ from pathlib import Path
 
 import click
 
+from tucker_export.cli.options import show_progress, split_list
+
 logger = logging.getLogger("tucker_export")
-
-
-def _split(values: tuple[str, ...]) -> list[str]:
-    return [part for value in values for part in value.replace(",", " ").split()]
 
 
 def _tensorrt_usable() -> bool:
@@ -75,12 +73,11 @@ def build_command(
     """
     from tucker_export.engines.keys import BatchProfile
 
-    obj = ctx.find_root().obj or {}
-    progress = obj.get("verbosity", 0) >= 0
+    progress = show_progress(ctx)
     profile = BatchProfile.parse(batch_profile) if batch_profile else None  # bad syntax fails before any work
     if backend == "auto":
         # fp16 engines are TensorRT's: asking for them means TensorRT, and its absence is the error to show.
-        wants_fp16 = "fp16" in [p.lower() for p in _split(precisions)]
+        wants_fp16 = "fp16" in [p.lower() for p in split_list(precisions)]
         backend = "trt" if wants_fp16 or _tensorrt_usable() else "openvino"
         logger.debug("Building %s (%s).", backend, "TensorRT and a CUDA GPU are present, or fp16 was asked for"
                     if backend == "trt" else "no TensorRT with a CUDA GPU here")
@@ -88,7 +85,7 @@ def build_command(
         from tucker_export.engines.cpu_build import build_cpu_engines, format_cpu_build_table
 
         results = build_cpu_engines(
-            bundle, _split(precisions) or None, folds=_split(folds) or None, calibration_dir=calibration_dir,
+            bundle, split_list(precisions) or None, folds=split_list(folds) or None, calibration_dir=calibration_dir,
             calibration_tiles=calibration_tiles, gate_tiles=gate_tiles, seed=seed, threads=threads, progress=progress,
         )
         click.echo(format_cpu_build_table([r.record for r in results]))
@@ -98,11 +95,11 @@ def build_command(
 
     records = build_engines(
         bundle,
-        _split(precisions) or None,
+        split_list(precisions) or None,
         gpus,
         profile,
         workspace_gib,
-        folds=_split(folds) or None,
+        folds=split_list(folds) or None,
         progress=progress,
     )
     click.echo(format_build_table(records))

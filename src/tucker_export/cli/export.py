@@ -6,15 +6,7 @@ from pathlib import Path
 
 import click
 
-
-def _split(values: tuple[str, ...]) -> list[str]:
-    """`--precision fp32 --precision fp16` and `--precision fp32,fp16` mean the same."""
-    return [part for value in values for part in value.replace(",", " ").split()]
-
-
-def _show_progress(ctx: click.Context) -> bool:
-    obj = ctx.find_root().obj or {}
-    return obj.get("verbosity", 0) >= 0
+from tucker_export.cli.options import show_progress, split_list
 
 
 @click.command("export")
@@ -36,10 +28,10 @@ def export_command(
 
     records = export_bundle(
         bundle,
-        precisions=_split(precisions),
+        precisions=split_list(precisions),
         opset=opset,
         max_batch=max_batch,
-        folds=_split(folds) or None,
-        progress=_show_progress(ctx),
+        folds=split_list(folds) or None,
+        progress=show_progress(ctx),
     )
     click.echo(format_export_table(records))

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from tucker_export import __version__
+from tucker_export.cli.options import show_progress, split_folds
 from tucker_export.errors import TuckerExportError
 
 logger = logging.getLogger("tucker_export")
@@ -139,14 +140,14 @@ def demo(ctx: click.Context, model_only: bool, cache_dir: Path | None, work_dir:
     """
     from tucker_export.demo import ensure_demo_model
 
-    show_progress = ctx.obj["verbosity"] >= 0
-    model = ensure_demo_model(cache_dir, progress=show_progress)
+    progress = show_progress(ctx)
+    model = ensure_demo_model(cache_dir, progress=progress)
     if model_only:
         click.echo(str(model.model_dir))
         return
     from tucker_export.demo_pipeline import format_demo_report, run_demo_pipeline
 
-    report = run_demo_pipeline(model, work_dir=work_dir, progress=show_progress)
+    report = run_demo_pipeline(model, work_dir=work_dir, progress=progress)
     click.echo(format_demo_report(report))
 
 
@@ -161,7 +162,7 @@ def inspect(model_dir: Path, folds: tuple[str, ...], checkpoint_name: str, trust
     from tucker_export.nnunet.summary import format_model_summary, summarize_model
 
     click.echo(format_model_summary(summarize_model(
-        model_dir, folds=_split_folds(folds), checkpoint_name=checkpoint_name, trust_checkpoint=trust_checkpoint
+        model_dir, folds=split_folds(folds), checkpoint_name=checkpoint_name, trust_checkpoint=trust_checkpoint
     )))
 
 
@@ -239,9 +240,9 @@ def infer(ctx: click.Context, input_path: Path, output_dir: Path, bundle_path: P
         raise click.UsageError("Missing option '-o' / '--output' (the folder for the segmentations).")
     common = dict(
         bundle_path=bundle_path, model_dir=model_dir, backend=backend,
-        precision=precision, folds=_split_folds(folds), step_size=step_size, use_mirroring=not disable_tta,
+        precision=precision, folds=split_folds(folds), step_size=step_size, use_mirroring=not disable_tta,
         batch_size=batch_size, device=device, save_probabilities=save_probabilities, overwrite=overwrite,
-        progress=ctx.obj["verbosity"] >= 0, trust_checkpoint=trust_checkpoint, strict=strict,
+        progress=show_progress(ctx), trust_checkpoint=trust_checkpoint, strict=strict,
         fast_export=not stock_export,
     )
     if ray_address is not None:
@@ -300,7 +301,7 @@ def _run_checks(ctx: click.Context, input_path: Path, bundle_path: Path | None, 
     from tucker_export.integrity.checks import format_inputs_report
 
     report = check_scans(input_path, bundle_path=bundle_path, model_dir=model_dir, strict=strict,
-                         progress=ctx.obj["verbosity"] >= 0)
+                         progress=show_progress(ctx))
     click.echo(format_inputs_report(report))
     if report_path is not None:
         from tucker_export._io import write_json_atomic
@@ -351,10 +352,10 @@ def validate(ctx: click.Context, bundle_path: Path, input_path: Path, labels_dir
 
     report = validate_bundle(
         bundle_path, input_path, labels_dir=labels_dir, backend=backend, precision=precision, against=against,
-        reference_model=reference_model, folds=_split_folds(folds), min_dice=min_dice, max_abs_logit=max_abs_logit,
+        reference_model=reference_model, folds=split_folds(folds), min_dice=min_dice, max_abs_logit=max_abs_logit,
         report_path=report_path, step_size=step_size, use_mirroring=not disable_tta, batch_size=batch_size,
         device=device, nsd_tolerance_mm=nsd_tolerance, parity_tiles=parity_tiles,
-        progress=ctx.obj["verbosity"] >= 0,
+        progress=show_progress(ctx),
     )
     click.echo(format_validation_report(report))
     if report.failures:
@@ -406,9 +407,9 @@ def finetune(ctx: click.Context, bundle_path: Path, scans: Path, output: Path | 
     settings = FinetuneSettings(steps=steps, lr=lr, batch_size=batch_size, train_tiles=train_tiles,
                                 held_out_tiles=held_out_tiles, eval_every=eval_every, seed=seed,
                                 train_norms=train_norms, max_minutes=max_minutes, device=device)
-    report = finetune_bundle(bundle_path, scans, output=output, folds=_split_folds(folds), settings=settings,
+    report = finetune_bundle(bundle_path, scans, output=output, folds=split_folds(folds), settings=settings,
                              teacher_dir=teacher_dir, labels_dir=labels_dir, overwrite=overwrite,
-                             progress=ctx.obj["verbosity"] >= 0)
+                             progress=show_progress(ctx))
     if report_path is not None:
         write_json_atomic(report_path, report.to_dict())
     click.echo(format_finetune_report(report))
@@ -450,28 +451,22 @@ def export_triton(bundle_path: Path, repository: Path, backend: str, precisions:
     from tucker_export._io import write_json_atomic
     from tucker_export.scaleout.triton import TritonOptions, export_triton_repository, parse_gpu_list
 
-    options = TritonOptions(backend=backend, precisions=tuple(_split_folds(precisions) or ["fp32"]),
-                            folds=tuple(_split_folds(folds) or ()) or None, gpus=parse_gpu_list(gpus),
+    options = TritonOptions(backend=backend, precisions=tuple(split_folds(precisions) or ["fp32"]),
+                            folds=tuple(split_folds(folds) or ()) or None, gpus=parse_gpu_list(gpus),
                             cpu_instances=cpu_instances, name=name, queue_delay_us=queue_delay_us, overwrite=overwrite)
     result = export_triton_repository(bundle_path, repository, options,
-                                      gpu_kinds=tuple(_split_folds(gpu_kinds) or ()) or None)
+                                      gpu_kinds=tuple(split_folds(gpu_kinds) or ()) or None)
     if report_path is not None:
         write_json_atomic(report_path, result.to_dict())
     click.echo(result.summary())
 
 
-def _split_folds(folds: tuple[str, ...]) -> list[str] | None:
-    """`-f 0 -f 1`, `-f 0,1` and `-f 0 1`-style lists all mean folds 0 and 1."""
-    parts = [part for value in folds for part in value.replace(",", " ").split()]
-    return parts or None
-
-
 def _add_subpackage_commands() -> None:
     """Commands that live beside their library code; each module keeps its heavy imports inside."""
-    from tucker_export.engines.cli_build import build_command
-    from tucker_export.exporter.cli_decompose import decompose_command
-    from tucker_export.exporter.cli_export import export_command
-    from tucker_export.validation.cli_bench import bench_command
+    from tucker_export.cli.bench import bench_command
+    from tucker_export.cli.build import build_command
+    from tucker_export.cli.decompose import decompose_command
+    from tucker_export.cli.export import export_command
 
     cli.add_command(decompose_command, "decompose")
     cli.add_command(export_command, "export")

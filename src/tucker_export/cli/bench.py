@@ -18,19 +18,10 @@ from pathlib import Path
 
 import click
 
+from tucker_export.cli.options import show_progress, split_list
 from tucker_export.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
-
-
-def _split(values: tuple[str, ...]) -> list[str]:
-    """`--backend torch --backend ort` and `--backend torch,ort` mean the same."""
-    return [part for value in values for part in value.replace(",", " ").split()]
-
-
-def _show_progress(ctx: click.Context) -> bool:
-    obj = ctx.find_root().obj or {}
-    return obj.get("verbosity", 0) >= 0
 
 
 def _refuse(given: dict[str, object], form: str) -> None:
@@ -105,7 +96,7 @@ def bench_command(
     from tucker_export.validation.bench_common import parse_batch_sizes
     from tucker_export.validation.sweep import parse_rank_factors
 
-    progress = _show_progress(ctx)
+    progress = show_progress(ctx)
     is_sweep = sweep is not None or demo
     if bundle is not None and is_sweep:
         raise ConfigurationError(
@@ -120,16 +111,16 @@ def bench_command(
                  "--work-dir": work_dir, "--sequential": sequential, "--case-repeats": case_repeats,
                  "--name": name if name != "sweep" else None, "--round-to": round_to if round_to != 8 else None},
                 "to a sweep (--sweep-rank-factor)")
-        _bench_one(bundle, backends=_split(backends) or ["torch", "ort"], precisions=_split(precisions) or ["fp32"],
+        _bench_one(bundle, backends=split_list(backends) or ["torch", "ort"], precisions=split_list(precisions) or ["fp32"],
                    batch_sizes=sizes or (1, 2, 4), repeats=repeats, warmup=warmup, input_path=input_path,
-                   tta=True if tta is None else tta, step_size=step_size, device=device, folds=_split(folds),
+                   tta=True if tta is None else tta, step_size=step_size, device=device, folds=split_list(folds),
                    json_path=json_path, progress=progress)
         return
 
     _refuse({"--json": json_path}, "to one bundle (the sweep writes OUT_DIR/NAME.json)")
     factors = parse_rank_factors(sweep) if sweep is not None else None
-    chosen_backends = _split(backends) or ["ort"]
-    chosen_precisions = _split(precisions) or ["fp32"]
+    chosen_backends = split_list(backends) or ["ort"]
+    chosen_precisions = split_list(precisions) or ["fp32"]
     if len(chosen_backends) != 1:
         raise ConfigurationError(f"A sweep compares one backend, got {', '.join(chosen_backends)}.")
     if len(chosen_precisions) != 1:
@@ -156,7 +147,7 @@ def bench_command(
     with work_folder(work_dir) as folder:
         report = sweep_rank_factors(
             model_dir, factors or SWEEP_FACTORS, work_dir=folder, images_dir=input_path, labels_dir=labels_dir,
-            backend=chosen_backends[0], precision=chosen_precisions[0], folds=_split(folds) or None,
+            backend=chosen_backends[0], precision=chosen_precisions[0], folds=split_list(folds) or None,
             use_mirroring=bool(tta), step_size=step_size, device=device, batch_sizes=sizes or (1,), warmup=warmup,
             repeats=repeats, interleave=not sequential, round_to=round_to, case_repeats=case_repeats or 1,
             progress=progress,
