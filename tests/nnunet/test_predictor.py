@@ -75,3 +75,17 @@ def test_bad_options() -> None:
         EnginePredictor(tile_step_size=0)
     with pytest.raises(ConfigurationError, match="Batch size must be at least 1"):
         EnginePredictor(batch_size=0)
+
+
+def test_the_private_nnunet_seams_exist_with_the_parameters_relied_on():
+    """The contract behind pyproject's upper bound on nnunetv2: run against a new release before admitting it."""
+    import inspect
+
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from tucker_export.nnunet.predictor import PRIVATE_SEAMS
+
+    for name, parameters in PRIVATE_SEAMS.items():
+        method = getattr(nnUNetPredictor, name, None)
+        assert method is not None, f"nnUNetPredictor.{name} is gone"
+        assert list(inspect.signature(method).parameters)[1:] == list(parameters), name

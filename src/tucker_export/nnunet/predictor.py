@@ -11,6 +11,11 @@ export are nnU-Net's code, unchanged. Two seams are used:
 - the sliding-window loop (``_internal_predict_sliding_window_return_logits``) is overridden only to
   run several tiles and mirror variants per engine call (``batch_size``). Every tile is predicted
   (a short last batch is run as is, never dropped), and the accumulation is nnU-Net's.
+
+This module is the only place that reaches nnU-Net's private methods (``_internal_*``, listed in
+``PRIVATE_SEAMS`` and checked by a test against the installed nnU-Net), which is why
+``nnunetv2`` is bounded above in pyproject.toml: a new minor release is admitted once that test
+passes against it.
 """
 
 from __future__ import annotations
@@ -36,6 +41,13 @@ logger = logging.getLogger(__name__)
 FoldModel = Callable[[torch.Tensor], torch.Tensor]
 
 _FOLD_KEY = "__tucker_export_fold__"
+
+# nnUNetPredictor's private methods this module overrides or calls, with the parameters relied on.
+PRIVATE_SEAMS: dict[str, tuple[str, ...]] = {
+    "_internal_maybe_mirror_and_predict": ("x",),
+    "_internal_predict_sliding_window_return_logits": ("data", "slicers", "do_on_device"),
+    "_internal_get_sliding_window_slicers": ("image_size",),
+}
 
 
 class FoldSwitch(torch.nn.Module):
@@ -185,3 +197,14 @@ class EnginePredictor(nnUNetPredictor):
         if torch.any(torch.isinf(predicted_logits)):
             raise RuntimeError("Encountered inf in the accumulated logits; the engine's outputs are out of fp16 range.")
         return predicted_logits
+
+
+def sliding_window_tiles(predictor: nnUNetPredictor, data: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` sliding-window tiles spread evenly over a preprocessed case (nnU-Net's own tiling)."""
+    import numpy as np
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+
+    padded, _ = pad_nd_image(data, predictor.configuration_manager.patch_size, "constant", {"value": 0}, True, None)
+    slicers = predictor._internal_get_sliding_window_slicers(padded.shape[1:])
+    chosen = np.unique(np.linspace(0, len(slicers) - 1, num=min(count, len(slicers))).round().astype(int))
+    return torch.stack([padded[slicers[i]] for i in chosen])

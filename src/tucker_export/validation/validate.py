@@ -27,6 +27,7 @@ import torch
 from tucker_export._io import write_json_atomic
 from tucker_export.errors import BundleError, ConfigurationError, InputImageError
 from tucker_export.nnunet.loading import Fold, ModelSpec
+from tucker_export.nnunet.predictor import sliding_window_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -107,16 +108,6 @@ def _callable(network: torch.nn.Module):
             return network(batch)
 
     return run
-
-
-def _parity_tiles(predictor, data: torch.Tensor, count: int) -> torch.Tensor:
-    """``count`` sliding-window tiles spread evenly over the case (nnU-Net's own tiling)."""
-    from acvl_utils.cropping_and_padding.padding import pad_nd_image
-
-    padded, _ = pad_nd_image(data, predictor.configuration_manager.patch_size, "constant", {"value": 0}, True, None)
-    slicers = predictor._internal_get_sliding_window_slicers(padded.shape[1:])
-    chosen = np.unique(np.linspace(0, len(slicers) - 1, num=min(count, len(slicers))).round().astype(int))
-    return torch.stack([padded[slicers[i]] for i in chosen])
 
 
 def _segmentation(predictor, spec: ModelSpec, logits: torch.Tensor, properties: dict) -> np.ndarray:
@@ -213,7 +204,7 @@ def validate_bundle(
                 continue
             data, properties = prepared.data, prepared.properties
             data_tensor = torch.from_numpy(data)
-            tiles = _parity_tiles(predictors["engine"], data_tensor, parity_tiles).to(torch_device)
+            tiles = sliding_window_tiles(predictors["engine"], data_tensor, parity_tiles).to(torch_device)
             for fold in selected:
                 engine_out = torch.cat([engine_models[fold](t[None]) for t in tiles])
                 reference_out = torch.cat([reference_models[fold](t[None]) for t in tiles])
