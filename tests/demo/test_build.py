@@ -314,3 +314,25 @@ def test_stock_nnunetv2_predict_accepts_it(demo_model, tmp_path: Path) -> None:
     assert prediction.shape == reference.shape
     dice = _dice(prediction, reference)
     assert np.mean(dice) >= 0.9, dice
+
+
+def test_training_seeds_leave_the_callers_generators_as_they_were():
+    import random
+
+    import numpy as np
+    import torch
+
+    from tucker_export.demo.training import _seeded_global_rngs
+
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    expected = random.random(), np.random.rand(), torch.rand(1).item()
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    with _seeded_global_rngs(0):
+        inside = random.random(), np.random.rand(), torch.rand(1).item()
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    with _seeded_global_rngs(0):
+        assert (random.random(), np.random.rand(), torch.rand(1).item()) == inside

@@ -99,6 +99,26 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _seeded_global_rngs(seed: int) -> Iterator[None]:
+    """Seed Python's, NumPy's and torch's global generators for the block; their states are restored after."""
+    import random
+
+    import numpy as np
+    import torch
+
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+
+
+@contextlib.contextmanager
 def _console_to(log_file: Path) -> Iterator[TextIO]:
     """Send stdout (file descriptor 1, so spawned workers too) and Python's stderr to ``log_file``.
 
@@ -269,23 +289,18 @@ def _train_fold(trainer_cls: Any, fold: int, bar: _Progress) -> None:
     plans = json.loads((dataset_pre / f"{PLANS_NAME}.json").read_text())
     plans["continue_training"] = False
     dataset_json = json.loads((dataset_pre / "dataset.json").read_text())
-    # Seeded per fold so two builds of the same recipe train (nearly) the same model.
-    import random
-
-    import numpy as np
-
-    random.seed(fold)
-    np.random.seed(fold)
-    torch.manual_seed(fold)
-    trainer = trainer_cls(
-        plans=plans,
-        configuration=CONFIGURATION,
-        fold=fold,
-        dataset_json=dataset_json,
-        device=torch.device("cpu"),
-    )
-    trainer.progress_callback = bar.update
-    trainer.run_training()
+    # Seeded per fold so two builds of the same recipe train (nearly) the same model. nnU-Net's
+    # augmentation draws from the global generators, so they are seeded, and restored after.
+    with _seeded_global_rngs(fold):
+        trainer = trainer_cls(
+            plans=plans,
+            configuration=CONFIGURATION,
+            fold=fold,
+            dataset_json=dataset_json,
+            device=torch.device("cpu"),
+        )
+        trainer.progress_callback = bar.update
+        trainer.run_training()
 
 
 def _evaluate(
