@@ -162,6 +162,19 @@ class Bundle:
     def num_segmentation_heads(self) -> int:
         return int(self.manifest["model"]["num_segmentation_heads"])
 
+    @property
+    def source(self) -> dict[str, Any]:
+        """Where the bundle came from: ``model_dir``, ``checksum``, trainer, plans, configuration, checkpoint."""
+        return self.manifest.get("source", {})
+
+    @property
+    def rank_policy(self) -> dict[str, Any]:
+        return self.manifest.get("rank_policy", {})
+
+    @property
+    def label_names(self) -> dict[str, str] | None:
+        return self.manifest.get("model", {}).get("label_names")
+
     def fold_entry(self, fold: Fold) -> dict[str, Any]:
         try:
             return self.manifest["folds"][fold_key(fold)]
@@ -224,6 +237,17 @@ class Bundle:
         if reason is not None:
             raise BundleError(f"The {precision} ONNX export of fold {fold} {reason}; re-export it with `{command}`.")
         return entry
+
+    def onnx_entries(self) -> dict[str, dict[str, Any]]:
+        """Every ONNX export's entry by key (``fold_<f>.<precision>``), stale or not."""
+        return self.manifest.get("onnx", {})
+
+    def has_onnx(self, fold: Fold, precision: str) -> bool:
+        return onnx_key(fold, precision) in self.onnx_entries()
+
+    def engine_records(self, section: str = "engines") -> dict[str, dict[str, Any]]:
+        """TensorRT engine records (``engines``) or OpenVINO ones (``cpu_engines``) by key."""
+        return self.manifest.get(section, {})
 
     # ---- artifacts ------------------------------------------------------------------------
     def artifact_path(self, relative: str | Path) -> Path:

@@ -228,7 +228,7 @@ def load_teacher(bundle: Bundle, folds: Sequence[Any], teacher_dir: str | Path |
     """The original model the bundle was decomposed from, checked against its recorded checksum."""
     from tucker_export.nnunet.loading import load_trained_model
 
-    source = bundle.manifest["source"]
+    source = bundle.source
     model_dir = Path(teacher_dir or source["model_dir"])
     if not model_dir.is_dir():
         raise BundleError(
@@ -362,7 +362,7 @@ def _record(bundle: Bundle, report: FinetuneReport, *, train_count: int, held: i
         "created": utc_now(),
         "method": "distillation" + (" + nnU-Net loss on labels" if "labels" in report.tiles else ""),
         "loss": LOSS_NAME,
-        "teacher": {"model_dir": bundle.manifest["source"]["model_dir"], "checksum": bundle.manifest["source"]["checksum"]},
+        "teacher": {"model_dir": bundle.source["model_dir"], "checksum": bundle.source["checksum"]},
         "scans": {**report.tiles, "train_tiles": train_count, "held_out_tiles": held},
         "settings": report.settings,
         "folds": {

@@ -191,7 +191,7 @@ def undecomposed_bundle(model_dir: str | Path, *, precision: str | None = None, 
     from tucker_export._io import exclusive_lock, user_cache_dir
     from tucker_export.bundle import Bundle, model_checksum
     from tucker_export.exporter.decompose import decompose_model
-    from tucker_export.exporter.onnx_export import export_bundle, onnx_key
+    from tucker_export.exporter.onnx_export import export_bundle
     from tucker_export.exporter.ranks import RankPolicy
     from tucker_export.nnunet.loading import available_folds
 
@@ -209,8 +209,7 @@ def undecomposed_bundle(model_dir: str | Path, *, precision: str | None = None, 
             logger.info("Preparing an undecomposed bundle of %s in %s (once per model).", model_dir, target)
             bundle = decompose_model(model_dir, target, policy=RankPolicy(mode="none"), overwrite=True,
                                      trust_checkpoint=trust_checkpoint, progress=False)
-        onnx = bundle.manifest.get("onnx", {})
-        missing = [f for f in bundle.folds if onnx_key(f, precision) not in onnx] if precision else []
+        missing = [f for f in bundle.folds if not bundle.has_onnx(f, precision)] if precision else []
         if missing:
             logger.info("Exporting the undecomposed model to ONNX (%s), once per model.", precision)
             export_bundle(bundle, precisions=(precision,), folds=missing, progress=False)

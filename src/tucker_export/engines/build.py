@@ -211,7 +211,7 @@ def build_engines(
             trt_version=trt_version,
             trt_api=built.api.to_dict(),
             onnx_key=job.onnx_key,
-            onnx_entry=bundle.manifest[ONNX_SECTION][job.onnx_key],
+            onnx_entry=bundle.onnx_entries()[job.onnx_key],
             engine_file=job.engine_file,
             engine_sha256=sha256_file(engine_path),
             size_bytes=len(built.engine),
@@ -223,7 +223,7 @@ def build_engines(
             built=utc_now(),
         )
         for old_key in superseded_records(bundle.manifest, fold=job.fold, precision=job.precision, gpu=job.gpu, keep_key=job.key):
-            old = bundle.manifest[ENGINES_SECTION][old_key]
+            old = bundle.engine_records(ENGINES_SECTION)[old_key]
             old_path = bundle.artifact_path(old.get("file", ""))
             if old.get("file") and old_path.is_file() and old_path != engine_path:
                 old_path.unlink()

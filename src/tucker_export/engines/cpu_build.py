@@ -35,7 +35,7 @@ from tucker_export.engines.cpu_keys import (
     normalize_cpu_precision,
     superseded_cpu_records,
 )
-from tucker_export.engines.keys import ONNX_SECTION, export_command
+from tucker_export.engines.keys import export_command
 from tucker_export.errors import BundleError, ConfigurationError, InputImageError, ValidationFailedError
 
 if TYPE_CHECKING:
@@ -278,7 +278,7 @@ def fp32_onnx_entry(bundle: Bundle, fold: Fold) -> tuple[str, dict[str, Any]]:
     from tucker_export.exporter.onnx_export import onnx_key
 
     key = onnx_key(fold, "fp32")
-    if key not in bundle.manifest.get(ONNX_SECTION, {}):
+    if key not in bundle.onnx_entries():
         raise BundleError(
             f"Bundle {bundle.path} has no fp32 ONNX export of fold {fold}, which OpenVINO compiles from; run "
             f"`{export_command(bundle.path, 'fp32')}`."
@@ -413,7 +413,7 @@ def build_cpu_engines(
 def _replace_records(bundle: Bundle, record: dict[str, Any], *, fold: Fold, precision: str, cpu: CpuInfo,
                      keep_file: str | None) -> None:
     for old_key in superseded_cpu_records(bundle.manifest, fold=fold, precision=precision, cpu=cpu, keep_key=record["key"]):
-        old_file = bundle.manifest[CPU_ENGINES_SECTION][old_key].get("file")
+        old_file = bundle.engine_records(CPU_ENGINES_SECTION)[old_key].get("file")
         if old_file and old_file != keep_file and bundle.artifact_path(old_file).is_file():
             bundle.artifact_path(old_file).unlink()
         bundle.remove_record(CPU_ENGINES_SECTION, old_key)

@@ -255,7 +255,7 @@ def read_onnx_io(path: Path) -> dict[str, list[dict[str, Any]]]:
 def _engine_records(bundle: Bundle, fold: Any, precision: str, onnx_sha256: str,
                     gpu_kinds: tuple[str, ...] | None) -> list[dict[str, Any]]:
     command = rebuild_command(bundle.path, precision)
-    records = [r for r in bundle.manifest.get(ENGINES_SECTION, {}).values()
+    records = [r for r in bundle.engine_records(ENGINES_SECTION).values()
                if str(r.get("fold")) == str(fold) and r.get("precision") == precision]
     if gpu_kinds is not None:
         records = [r for r in records if r.get("gpu", {}).get("kind") in gpu_kinds]
@@ -351,7 +351,7 @@ def _plan_model(bundle: Bundle, fold: Any, precision: str, prefix: str, options:
     batched, inputs, outputs = tensor_specs(read_onnx_io(onnx_file))
     check_against_manifest(entry, inputs, outputs, batched, onnx_file, export_command(bundle.path, precision))
     name = model_name(prefix, fold, precision, options.backend)
-    parameters = {"tucker_export.bundle_source_checksum": str(bundle.manifest.get("source", {}).get("checksum", "")),
+    parameters = {"tucker_export.bundle_source_checksum": str(bundle.source.get("checksum", "")),
                   "tucker_export.onnx_key": onnx_key(fold, precision), "tucker_export.onnx_sha256": entry["sha256"]}
     max_batch = preferred = int(entry.get("max_batch", 1))
     files: dict[str, Path] = {}

@@ -167,18 +167,16 @@ def _file_size(path: Path) -> int | None:
 
 def artifact_sizes(bundle: Bundle) -> dict[str, Any]:
     """Bytes of every weights, ONNX and engine file the manifest names (``None`` where the file is missing)."""
-    manifest = bundle.manifest
-    weights = {fold: _file_size(bundle.artifact_path(entry["weights"]["file"]))
-               for fold, entry in manifest.get("folds", {}).items()}
+    weights = {str(fold): _file_size(bundle.weights_path(fold)) for fold in bundle.folds}
     onnx = {
         key: {"file": entry["file"], "fold": str(entry.get("fold")), "precision": entry.get("precision"),
               "bytes": _file_size(bundle.artifact_path(entry["file"]))}
-        for key, entry in manifest.get("onnx", {}).items()
+        for key, entry in bundle.onnx_entries().items()
     }
     engines = {
         key: {"file": entry["file"], "fold": str(entry.get("fold")), "precision": entry.get("precision"),
               "gpu": entry.get("gpu", {}).get("kind"), "bytes": _file_size(bundle.artifact_path(entry["file"]))}
-        for key, entry in manifest.get("engines", {}).items()
+        for key, entry in bundle.engine_records().items()
     }
     return {"weights": weights, "onnx": onnx, "engines": engines}
 
@@ -394,9 +392,9 @@ def bench_bundle(
             "patch_size": list(bundle.patch_size),
             "num_input_channels": bundle.num_input_channels,
             "num_segmentation_heads": bundle.num_segmentation_heads,
-            "label_names": bundle.manifest["model"].get("label_names"),
-            "rank_policy": bundle.manifest.get("rank_policy"),
-            "source": bundle.manifest.get("source", {}).get("model_dir"),
+            "label_names": bundle.label_names,
+            "rank_policy": bundle.rank_policy,
+            "source": bundle.source.get("model_dir"),
         },
         compute=compute_figures(bundle.manifest),
         sizes=artifact_sizes(bundle),

@@ -429,9 +429,9 @@ def _sweep_rows(
         compute = compute_figures(bundle.manifest)[str(latency_fold)]
         # The original's "before" counts are the reference of every row's ratio (they are equal by construction).
         speedup["macs_bound"] = compute.get("macs_speedup_bound")
-        onnx_entry = bundle.manifest.get("onnx", {}).get(onnx_key(latency_fold, precision))
+        onnx_entry = bundle.onnx_entries().get(onnx_key(latency_fold, precision))
         rows.append(SweepRow(
-            label=label, rank_factor=factor, rank_policy=bundle.manifest.get("rank_policy", {}), compute=compute,
+            label=label, rank_factor=factor, rank_policy=bundle.rank_policy, compute=compute,
             onnx_bytes=_file_size(bundle.artifact_path(onnx_entry["file"])) if onnx_entry else None,
             weights_bytes=_file_size(bundle.weights_path(latency_fold)),
             latency=list(stats.values()), speedup=speedup,

@@ -91,13 +91,13 @@ def _open_reference(
         return {f: bundle.build_network(f).to(device).eval() for f in folds}
     from tucker_export.nnunet.loading import load_trained_model
 
-    source = Path(reference_model or bundle.manifest["source"]["model_dir"])
+    source = Path(reference_model or bundle.source["model_dir"])
     if not source.is_dir():
         raise BundleError(
             f"The original model folder {source} recorded in the bundle is not here; pass --reference-model DIR "
             f"or validate --against decomposed."
         )
-    loaded = load_trained_model(source, list(folds), checkpoint_name=bundle.manifest["source"].get("checkpoint_name")
+    loaded = load_trained_model(source, list(folds), checkpoint_name=bundle.source.get("checkpoint_name")
                                 or "checkpoint_final.pth")
     return {f: n.to(device).eval() for f, n in loaded.networks.items()}
 
