@@ -202,3 +202,15 @@ def write_dicom_series(
             slice_image.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"{series_uid[-4:]}_slice_{file_index:03d}.dcm"))
         writer.Execute(slice_image)
+
+
+def decomposed_demo_bundle(demo_model, root: Path, *, rank_factor: float = 0.3, folds=(0,)) -> Path:
+    """The trained demo model decomposed at ``rank_factor`` and exported to fp32 ONNX, in ``root/bundle``."""
+    from tucker_export.exporter.decompose import decompose_model
+    from tucker_export.exporter.onnx_export import export_bundle
+    from tucker_export.exporter.ranks import RankPolicy
+
+    bundle = decompose_model(demo_model.model_dir, root / "bundle", policy=RankPolicy(factor=rank_factor),
+                             progress=False, folds=list(folds))
+    export_bundle(bundle, precisions=("fp32",), progress=False)
+    return bundle.path

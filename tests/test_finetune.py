@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from factories import decomposed_demo_bundle
 
 from tucker_export.cli import cli
 from tucker_export.errors import BundleError, ConfigurationError
@@ -70,14 +71,7 @@ QUICK = FinetuneSettings(steps=4, eval_every=2, train_tiles=6, held_out_tiles=2,
 
 @pytest.fixture(scope="module")
 def demo_bundle(demo_model, tmp_path_factory) -> Path:
-    from tucker_export.exporter.decompose import decompose_model
-    from tucker_export.exporter.onnx_export import export_bundle
-    from tucker_export.exporter.ranks import RankPolicy
-
-    root = tmp_path_factory.mktemp("finetune")
-    bundle = decompose_model(demo_model.model_dir, root / "bundle", policy=RankPolicy(factor=0.1), progress=False, folds=[0])
-    export_bundle(bundle, precisions=("fp32",), progress=False)
-    return bundle.path
+    return decomposed_demo_bundle(demo_model, tmp_path_factory.mktemp("finetune"), rank_factor=0.1)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from factories import decomposed_demo_bundle
 
 pytestmark = pytest.mark.slow
 openvino = pytest.importorskip("openvino")
@@ -19,14 +20,7 @@ openvino = pytest.importorskip("openvino")
 
 @pytest.fixture(scope="module")
 def demo_tucker_bundle(demo_model, tmp_path_factory) -> Path:
-    from tucker_export.exporter.decompose import decompose_model
-    from tucker_export.exporter.onnx_export import export_bundle
-    from tucker_export.exporter.ranks import RankPolicy
-
-    root = tmp_path_factory.mktemp("ov-demo")
-    bundle = decompose_model(demo_model.model_dir, root / "bundle", policy=RankPolicy(factor=0.3), progress=False, folds=[0])
-    export_bundle(bundle, precisions=("fp32",), progress=False)
-    return bundle.path
+    return decomposed_demo_bundle(demo_model, tmp_path_factory.mktemp("ov-demo"), rank_factor=0.3)
 
 
 @pytest.fixture(scope="module")
