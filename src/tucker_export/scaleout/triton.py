@@ -29,7 +29,7 @@ from typing import Any
 
 from tucker_export._io import sha256_file, staged_folder, write_text_atomic
 from tucker_export.bundle import Bundle, export_command, onnx_key
-from tucker_export.engines.keys import ENGINES_SECTION, rebuild_command
+from tucker_export.engines.keys import ENGINES_SECTION, check_engine_file, rebuild_command
 from tucker_export.errors import BundleError, ConfigurationError, EngineError
 
 logger = logging.getLogger("tucker_export")
@@ -282,14 +282,19 @@ def _schema() -> tuple[Any, Any, Any]:
     return model_config_pb2, json_format, text_format
 
 
-def render_config(config: dict[str, Any]) -> str:
-    """``config.pbtxt`` text of ``config``, refused when Triton's schema does not accept it."""
-    model_config_pb2, json_format, text_format = _schema()
+def config_message(config: dict[str, Any]) -> Any:
+    """``config`` as Triton's ``ModelConfig`` message, refused when Triton's schema does not accept it."""
+    model_config_pb2, json_format, _ = _schema()
     try:
-        message = json_format.ParseDict(config, model_config_pb2.ModelConfig())
+        return json_format.ParseDict(config, model_config_pb2.ModelConfig())
     except json_format.ParseError as error:
         raise ConfigurationError(f"The Triton config of {config.get('name')} breaks Triton's schema ({error}).") from None
-    return text_format.MessageToString(message)
+
+
+def render_config(config: dict[str, Any]) -> str:
+    """``config.pbtxt`` text of ``config``."""
+    _, _, text_format = _schema()
+    return text_format.MessageToString(config_message(config))
 
 
 def parse_config(text: str) -> Any:
@@ -300,9 +305,9 @@ def parse_config(text: str) -> Any:
 
 def _write_model(target: Path, config: dict[str, Any], files: dict[str, Path]) -> None:
     """Stage ``config.pbtxt`` and ``1/<files>``, check the written config parses to the same message, then swap in."""
-    text = render_config(config)
-    model_config_pb2, json_format, _ = _schema()
-    expected = json_format.ParseDict(config, model_config_pb2.ModelConfig())
+    _, _, text_format = _schema()
+    expected = config_message(config)
+    text = text_format.MessageToString(expected)
     with staged_folder(target) as staging:
         write_text_atomic(staging / CONFIG_NAME, text)
         if parse_config((staging / CONFIG_NAME).read_text()) != expected:
@@ -363,9 +368,9 @@ def _plan_model(bundle: Bundle, fold: Any, precision: str, prefix: str, options:
         records = _engine_records(bundle, fold, precision, entry["sha256"], gpu_kinds)
         for cc, record in plans_by_compute_capability(records).items():
             plan = bundle.artifact_path(record["file"])
-            if not plan.is_file() or sha256_file(plan) != record.get("sha256"):
-                raise EngineError(f"Engine file {plan} is missing or differs from the manifest; rebuild it with "
-                                  f"`{rebuild_command(bundle.path, precision)}`.")
+            if not plan.is_file():
+                raise EngineError(f"Engine file {plan} is missing; rebuild it with `{rebuild_command(bundle.path, precision)}`.")
+            check_engine_file(record, sha256_file(plan), bundle.path)
             filename = f"model.{record['gpu']['kind']}.plan"
             files[filename] = plan
             cc_files[cc] = filename
