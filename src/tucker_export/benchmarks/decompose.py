@@ -35,11 +35,16 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from tucker_export.benchmarks.networks import ARCH_KWARGS, NUM_CLASSES, build_totalsegmentator_network
+
+if TYPE_CHECKING:
+    from tucker_export.exporter.ranks import RankPolicy
 
 PATCH = (128, 128, 128)
 
@@ -104,7 +109,17 @@ def verify_real_count(network: torch.nn.Module) -> dict:
             "real_forward_seconds": round(real_s, 2)}
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass(frozen=True)
+class OurTimings:
+    """What the printed summary and the report both need from the timed runs of ``decompose_network``."""
+
+    times: list[float]
+    two_threads: list[float]
+    totals: dict
+    load_at_start: tuple[float, float, float]
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench/results/decompose.json"))
     parser.add_argument("--repeats", type=int, default=3)
@@ -112,25 +127,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-budget-s", type=float, default=60.0)
     parser.add_argument("--extra-policies", action="store_true", help="Also time energy, vbmf and budget modes.")
     parser.add_argument("--verify-real-count", action="store_true")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    from tucker_export.exporter.ranks import RankPolicy
-    from tucker_export.validation.machine import MachineWatch, write_benchmark_json
 
-    watch = MachineWatch()
-    load_at_start = os.getloadavg()
-    network = build_totalsegmentator_network()
-    policy = RankPolicy(mode="relative", factor=0.3)
-    times, result = time_ours(network, policy, args.repeats)
-    totals = result.totals
-    two_threads, _ = time_ours(network, policy, args.repeats, threads=2)
-    report: dict = {
+def _build_report(policy: RankPolicy, ours: OurTimings) -> dict:
+    times, two_threads, totals = ours.times, ours.two_threads, ours.totals
+    return {
         "network": {"class": "PlainConvUNet", **{k: v for k, v in ARCH_KWARGS.items() if k in (
             "n_stages", "features_per_stage", "n_conv_per_stage", "n_conv_per_stage_decoder")},
             "num_classes": NUM_CLASSES, "input_shape": [1, *PATCH], "init": "nnU-Net InitWeights_He(1e-2)"},
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "load_average_at_start": [round(x, 2) for x in load_at_start]},
+                    "cpu_count": os.cpu_count(), "load_average_at_start": [round(x, 2) for x in ours.load_at_start]},
         "policy": policy.to_manifest(),
         "decompose_seconds": {"first": round(times[0], 3), "median": round(statistics.median(times), 3),
                               "min": round(min(times), 3),
@@ -147,28 +155,30 @@ def main(argv: list[str] | None = None) -> int:
         "macs": {"before": totals["macs_before"], "after": totals["macs_after"], "ratio": totals["macs_ratio"],
                  "counted": "forward hooks on every conv, meta device, batch 1 at 1x128^3"},
     }
-    if args.baseline != "skip":
-        report["tensorly_hooi_baseline"] = time_tensorly_baseline(network, result.layers, args.baseline,
-                                                                  args.baseline_budget_s)
-    if args.extra_policies:
-        extra = {}
-        for name, other in {
-            "energy 0.9": RankPolicy(mode="energy", energy=0.9),
-            "vbmf": RankPolicy(mode="vbmf"),
-            "budget macs 0.3": RankPolicy(mode="budget", budget_macs=0.3),
-        }.items():
-            other_times, other_result = time_ours(network, other, 1)
-            extra[name] = {"seconds": round(other_times[0], 3), "macs_ratio": other_result.totals["macs_ratio"],
-                           "params_ratio": other_result.totals["params_ratio"],
-                           "factorized": other_result.totals["factorized"]}
-        report["extra_policies"] = extra
-    if args.verify_real_count:
-        report["real_count_check"] = verify_real_count(network)
 
+
+def _time_extra_policies(network: torch.nn.Module) -> dict:
+    from tucker_export.exporter.ranks import RankPolicy
+
+    extra = {}
+    for name, other in {
+        "energy 0.9": RankPolicy(mode="energy", energy=0.9),
+        "vbmf": RankPolicy(mode="vbmf"),
+        "budget macs 0.3": RankPolicy(mode="budget", budget_macs=0.3),
+    }.items():
+        other_times, other_result = time_ours(network, other, 1)
+        extra[name] = {"seconds": round(other_times[0], 3), "macs_ratio": other_result.totals["macs_ratio"],
+                       "params_ratio": other_result.totals["params_ratio"],
+                       "factorized": other_result.totals["factorized"]}
+    return extra
+
+
+def _print_summary(report: dict, ours: OurTimings) -> None:
+    times, two_threads, totals = ours.times, ours.two_threads, ours.totals
     g = 1e9
     print(f"TotalSegmentator-size PlainConvUNet ({totals['layers']} convs, {totals['factorized']} factorized), "
           f"rank factor 0.3, round-to 8, "
-          f"load average at start {load_at_start[0]:.2f} on {os.cpu_count()} CPUs")
+          f"load average at start {ours.load_at_start[0]:.2f} on {os.cpu_count()} CPUs")
     print(f"  decomposition wall time: first {times[0]:.2f} s (includes one-off lazy imports), "
           f"median of {len(times)} {statistics.median(times):.2f} s, min {min(times):.2f} s (target <= 10 s); "
           f"1 torch thread (the default)")
@@ -192,6 +202,31 @@ def main(argv: list[str] | None = None) -> int:
         check = report["real_count_check"]
         print(f"  real CPU forward at 64^3 counts {check['real_macs'] / g:.2f} GMACs, meta pass "
               f"{check['meta_macs'] / g:.2f} GMACs: {'equal' if check['equal'] else 'DIFFERENT'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+
+    from tucker_export.exporter.ranks import RankPolicy
+    from tucker_export.validation.machine import MachineWatch, write_benchmark_json
+
+    watch = MachineWatch()
+    load_at_start = os.getloadavg()
+    network = build_totalsegmentator_network()
+    policy = RankPolicy(mode="relative", factor=0.3)
+    times, result = time_ours(network, policy, args.repeats)
+    two_threads, _ = time_ours(network, policy, args.repeats, threads=2)
+    ours = OurTimings(times=times, two_threads=two_threads, totals=result.totals, load_at_start=load_at_start)
+    report = _build_report(policy, ours)
+    if args.baseline != "skip":
+        report["tensorly_hooi_baseline"] = time_tensorly_baseline(network, result.layers, args.baseline,
+                                                                  args.baseline_budget_s)
+    if args.extra_policies:
+        report["extra_policies"] = _time_extra_policies(network)
+    if args.verify_real_count:
+        report["real_count_check"] = verify_real_count(network)
+
+    _print_summary(report, ours)
     print("  " + write_benchmark_json(args.out, report, watch))
     return 0 if math.isfinite(times[0]) else 1
 

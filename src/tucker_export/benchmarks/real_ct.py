@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -134,9 +135,24 @@ def _input_sets(model, work: Path, names: list[str], n_cases: int) -> dict[str, 
     return sets
 
 
-def main() -> int:
-    from tucker_export.validation.machine import MachineWatch, environment, write_benchmark_json
+@dataclass(frozen=True)
+class Variants:
+    """The variants under test and how each one's command line is completed for an input folder."""
 
+    argv: dict[str, list[str]]
+    disable_tta: bool
+
+    def command(self, name: str, folder: Path, out: Path) -> list[str]:
+        if name == "stock in-process":
+            return [*self.argv[name], str(folder), str(out), "0" if self.disable_tta else "1"]
+        if name.startswith("stock"):
+            return [*self.argv[name], "-i", str(folder), "-o", str(out)]
+        tta_ours = ["--disable-tta"] if self.disable_tta else []
+        return [str(BIN / "tucker-export"), "-q", "infer", "-i", str(folder), "-o", str(out), *self.argv[name], "-f", "0",
+                "--report", str(_report_path(out)), "--overwrite", *tta_ours]
+
+
+def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--inputs", nargs="+", choices=["ct_sm", "ct_full", "ct_sm_x3", "demo"], default=None,
                         help="input sets [default: ct_sm where ../shared has it, else demo]; ct_sm_x3 is three "
@@ -148,24 +164,11 @@ def main() -> int:
     parser.add_argument("--rank-factor", type=float, default=0.3)
     parser.add_argument("--disable-tta", action="store_true", help="every variant without mirroring")
     parser.add_argument("--out", type=Path, default=RESULTS / "infer.json")
-    args = parser.parse_args()
-    names = args.inputs or (["ct_sm"] if (SHARED / "example_ct_sm.nii.gz").is_file() else ["demo"])
+    return parser.parse_args()
 
-    from tucker_export.demo import ensure_demo_model
 
-    watch = MachineWatch()
-    model = ensure_demo_model(progress=False)
-    work = Path(tempfile.mkdtemp(prefix="bench-infer-"))
-    tucker = _prepare_bundle(model, work, args.rank_factor)
-    inputs = _input_sets(model, work, names, args.cases)
-    warm = work / "input-warmup"
-    warm.mkdir()
-    shutil.copy(sorted(model.test_images_dir.glob("*_0000.nii.gz"))[0], warm)
-
-    env = dict(os.environ, nnUNet_results=str(model.results_dir), nnUNet_extTrainer=str(model.trainer_search_path),
-               nnUNet_raw=str(work), nnUNet_preprocessed=str(work))
+def _variants(model, tucker: Path, args: argparse.Namespace) -> Variants:
     tta_stock = ["--disable_tta"] if args.disable_tta else []
-    tta_ours = ["--disable-tta"] if args.disable_tta else []
     variants: dict[str, list[str]] = {
         "stock nnUNetv2_predict": [str(BIN / "nnUNetv2_predict"), "-d", model.dataset_name, "-tr", model.trainer_name,
                                    "-p", model.plans_name, "-c", model.configuration, "-f", "0", "-device", "cpu",
@@ -185,67 +188,61 @@ def main() -> int:
         if unknown:
             raise SystemExit(f"unknown variants {unknown}; choose from {sorted(variants)}")
         variants = {k: v for k, v in variants.items() if k.startswith("stock") or k in args.variants}
+    return Variants(argv=variants, disable_tta=args.disable_tta)
 
-    def command(name: str, folder: Path, out: Path) -> list[str]:
-        if name == "stock in-process":
-            return [*variants[name], str(folder), str(out), "0" if args.disable_tta else "1"]
-        if name.startswith("stock"):
-            return [*variants[name], "-i", str(folder), "-o", str(out)]
-        return [str(BIN / "tucker-export"), "-q", "infer", "-i", str(folder), "-o", str(out), *variants[name], "-f", "0",
-                "--report", str(_report_path(out)), "--overwrite", *tta_ours]
 
-    print("warm-up (untimed): one demo case per variant", flush=True)
-    for name in variants:
-        _run(command(name, warm, work / "out-warmup" / name.replace(" ", "_")), env)
+def _run_row(name: str, seconds: float, peak: int, stdout: str, out: Path) -> dict[str, object]:
+    row: dict[str, object] = {"wall_s": round(seconds, 2), "peak_rss_mb": round(peak / 1e6)}
+    if name == "stock in-process":
+        cases_wall = json.loads(stdout.strip().splitlines()[-1])["cases_wall_s"]
+        row["cases_wall_s"] = round(cases_wall, 2)
+        row["startup_and_rest_s"] = round(seconds - cases_wall, 2)
+    if not name.startswith("stock"):
+        stages = _stages(_report_path(out))
+        row.update(stages)
+        cases_wall = json.loads(_report_path(out).read_text()).get("cases_wall_s") or sum(stages.values())
+        row["cases_wall_s"] = round(cases_wall, 2)
+        row["startup_and_rest_s"] = round(seconds - cases_wall, 2)
+        # the share of the cases' wall time in which the network was not running
+        row["outside_network_share"] = round(1 - stages["network"] / cases_wall, 3) if cases_wall else None
+    return row
 
-    results: dict[str, object] = {
-        "settings": {"rank_factor": args.rank_factor, "folds": [0], "tta": not args.disable_tta,
-                     "repeats": args.repeats, "inputs": list(inputs)},
-        "environment": environment(),
-        "sets": {},
-    }
-    for set_name, folder in inputs.items():
-        runs: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
-        order = list(variants)
-        for round_index in range(args.repeats):
-            rotated = order[round_index % len(order):] + order[:round_index % len(order)]
-            for name in rotated:
-                out = work / f"out-{set_name}" / name.replace(" ", "_")
-                seconds, peak, stdout = _run(command(name, folder, out), env)
-                row: dict[str, object] = {"wall_s": round(seconds, 2), "peak_rss_mb": round(peak / 1e6)}
-                if name == "stock in-process":
-                    cases_wall = json.loads(stdout.strip().splitlines()[-1])["cases_wall_s"]
-                    row["cases_wall_s"] = round(cases_wall, 2)
-                    row["startup_and_rest_s"] = round(seconds - cases_wall, 2)
-                if not name.startswith("stock"):
-                    stages = _stages(_report_path(out))
-                    row.update(stages)
-                    cases_wall = json.loads(_report_path(out).read_text()).get("cases_wall_s") or sum(stages.values())
-                    row["cases_wall_s"] = round(cases_wall, 2)
-                    row["startup_and_rest_s"] = round(seconds - cases_wall, 2)
-                    # the share of the cases' wall time in which the network was not running
-                    row["outside_network_share"] = round(1 - stages["network"] / cases_wall, 3) if cases_wall else None
-                runs[name].append(row)  # type: ignore[arg-type]
-                print(f"[{set_name}] round {round_index + 1} {name}: {seconds:.1f} s", flush=True)
-        stock_out = work / f"out-{set_name}" / "stock_nnUNetv2_predict"
-        stock_wall = float(np.median([r["wall_s"] for r in runs["stock nnUNetv2_predict"]]))
-        table = {}
-        for name, rows in runs.items():
-            median = {k: float(np.median([r[k] for r in rows])) for k in rows[0]}
-            median["speedup_vs_stock"] = round(stock_wall / median["wall_s"], 2)
-            if not name.startswith("stock"):
-                dice = _dice_per_class(stock_out, work / f"out-{set_name}" / name.replace(" ", "_"))
-                median["dice_vs_stock_min"] = min(dice.values()) if dice else None
-                median["dice_vs_stock"] = dice  # type: ignore[assignment]
-                backend = json.loads(_report_path(work / f"out-{set_name}" / name.replace(" ", "_")).read_text())
-                median["engine"] = f"{backend.get('backend')} {backend.get('precision')}"  # type: ignore[assignment]
-            table[name] = {"median": median, "runs": rows}
-        results["sets"][set_name] = table  # type: ignore[index]
-        write_benchmark_json(args.out, results, watch)  # after each set: a stopped run keeps what it measured
 
+def _time_set(variants: Variants, set_name: str, folder: Path, work: Path, env: dict[str, str],
+              repeats: int) -> dict[str, list[dict[str, float]]]:
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in variants.argv}
+    order = list(variants.argv)
+    for round_index in range(repeats):
+        rotated = order[round_index % len(order):] + order[:round_index % len(order)]
+        for name in rotated:
+            out = work / f"out-{set_name}" / name.replace(" ", "_")
+            seconds, peak, stdout = _run(variants.command(name, folder, out), env)
+            runs[name].append(_run_row(name, seconds, peak, stdout, out))  # type: ignore[arg-type]
+            print(f"[{set_name}] round {round_index + 1} {name}: {seconds:.1f} s", flush=True)
+    return runs
+
+
+def _median_table(runs: dict[str, list[dict[str, float]]], set_name: str, work: Path) -> dict[str, dict]:
+    stock_out = work / f"out-{set_name}" / "stock_nnUNetv2_predict"
+    stock_wall = float(np.median([r["wall_s"] for r in runs["stock nnUNetv2_predict"]]))
+    table = {}
+    for name, rows in runs.items():
+        median = {k: float(np.median([r[k] for r in rows])) for k in rows[0]}
+        median["speedup_vs_stock"] = round(stock_wall / median["wall_s"], 2)
+        if not name.startswith("stock"):
+            dice = _dice_per_class(stock_out, work / f"out-{set_name}" / name.replace(" ", "_"))
+            median["dice_vs_stock_min"] = min(dice.values()) if dice else None
+            median["dice_vs_stock"] = dice  # type: ignore[assignment]
+            backend = json.loads(_report_path(work / f"out-{set_name}" / name.replace(" ", "_")).read_text())
+            median["engine"] = f"{backend.get('backend')} {backend.get('precision')}"  # type: ignore[assignment]
+        table[name] = {"median": median, "runs": rows}
+    return table
+
+
+def _print_tables(results: dict[str, object], disable_tta: bool, repeats: int) -> None:
     print()
     for set_name, table in results["sets"].items():  # type: ignore[union-attr]
-        print(f"== {set_name} ({'no TTA' if args.disable_tta else 'mirroring TTA'}, fold 0, median of {args.repeats}) ==")
+        print(f"== {set_name} ({'no TTA' if disable_tta else 'mirroring TTA'}, fold 0, median of {repeats}) ==")
         print(f"{'variant':<30}{'engine':>15}{'wall s':>8}{'vs stock':>10}{'min Dice':>10}{'RSS MB':>8}   "
               "read / preprocess / network / export / start-up s")
         for name, entry in table.items():
@@ -256,6 +253,45 @@ def main() -> int:
             dice = f"{m['dice_vs_stock_min']:.3f}" if m.get("dice_vs_stock_min") is not None else "-"
             print(f"{name:<30}{m.get('engine', 'nnU-Net torch'):>15}{m['wall_s']:>8.1f}{m['speedup_vs_stock']:>9.2f}x"
                   f"{dice:>10}{m['peak_rss_mb']:>8.0f}   {split}")
+
+
+def main() -> int:
+    from tucker_export.validation.machine import MachineWatch, environment, write_benchmark_json
+
+    args = _parse_args()
+    names = args.inputs or (["ct_sm"] if (SHARED / "example_ct_sm.nii.gz").is_file() else ["demo"])
+
+    from tucker_export.demo import ensure_demo_model
+
+    watch = MachineWatch()
+    model = ensure_demo_model(progress=False)
+    work = Path(tempfile.mkdtemp(prefix="bench-infer-"))
+    tucker = _prepare_bundle(model, work, args.rank_factor)
+    inputs = _input_sets(model, work, names, args.cases)
+    warm = work / "input-warmup"
+    warm.mkdir()
+    shutil.copy(sorted(model.test_images_dir.glob("*_0000.nii.gz"))[0], warm)
+
+    env = dict(os.environ, nnUNet_results=str(model.results_dir), nnUNet_extTrainer=str(model.trainer_search_path),
+               nnUNet_raw=str(work), nnUNet_preprocessed=str(work))
+    variants = _variants(model, tucker, args)
+
+    print("warm-up (untimed): one demo case per variant", flush=True)
+    for name in variants.argv:
+        _run(variants.command(name, warm, work / "out-warmup" / name.replace(" ", "_")), env)
+
+    results: dict[str, object] = {
+        "settings": {"rank_factor": args.rank_factor, "folds": [0], "tta": not args.disable_tta,
+                     "repeats": args.repeats, "inputs": list(inputs)},
+        "environment": environment(),
+        "sets": {},
+    }
+    for set_name, folder in inputs.items():
+        runs = _time_set(variants, set_name, folder, work, env, args.repeats)
+        results["sets"][set_name] = _median_table(runs, set_name, work)  # type: ignore[index]
+        write_benchmark_json(args.out, results, watch)  # after each set: a stopped run keeps what it measured
+
+    _print_tables(results, args.disable_tta, args.repeats)
     print("\n" + write_benchmark_json(args.out, results, watch))
     shutil.rmtree(work, ignore_errors=True)
     return 0
