@@ -41,12 +41,18 @@ def test_cache_dir_follows_environment(monkeypatch, tmp_path: Path) -> None:
     assert demo_cache_dir() == tmp_path / "home" / ".cache" / "tucker-export"
 
 
-def _fake_build(calls: list[float], delay: float = 0.0):
-    """A stand-in for the minutes-long real build that writes the files a finished demo consists of."""
+def _fake_build(calls: list[float], hold: threading.Event | None = None, entered: threading.Event | None = None):
+    """A stand-in for the minutes-long real build that writes the files a finished demo consists of.
+
+    With ``hold``, the build signals ``entered`` and then waits until the test releases it, so other
+    callers are certain to arrive while it runs (no sleeps, no timing).
+    """
 
     def build(root: Path, *, progress: bool) -> None:
         calls.append(time.monotonic())
-        time.sleep(delay)
+        if hold is not None and entered is not None:
+            entered.set()
+            assert hold.wait(timeout=60), "the test never released the fake build"
         model_dir = demo_recipe._model_dir(root)
         for fold in demo_recipe.FOLDS:
             (model_dir / f"fold_{fold}").mkdir(parents=True)
@@ -86,37 +92,67 @@ def test_build_once_then_reuse(monkeypatch, tmp_path: Path) -> None:
 
 def test_concurrent_callers_build_once(monkeypatch, tmp_path: Path) -> None:
     calls: list[float] = []
-    monkeypatch.setattr(demo_build, "_build", _fake_build(calls, delay=0.5))
+    hold, entered = threading.Event(), threading.Event()
+    monkeypatch.setattr(demo_build, "_build", _fake_build(calls, hold, entered))
     results: list[object] = []
 
     def worker() -> None:
         results.append(ensure_demo_model(tmp_path, progress=False))
 
-    threads = [threading.Thread(target=worker) for _ in range(3)]
-    for t in threads:
+    first = threading.Thread(target=worker)
+    first.start()
+    assert entered.wait(timeout=60)  # the first caller is inside the build, holding the lock
+    others = [threading.Thread(target=worker) for _ in range(2)]
+    for t in others:
         t.start()
-    for t in threads:
-        t.join(timeout=30)
+    hold.set()
+    for t in [first, *others]:
+        t.join(timeout=60)
     assert len(calls) == 1
     assert len(results) == 3 and all(r == results[0] for r in results)
 
 
 def test_lock_blocks_other_processes(tmp_path: Path) -> None:
+    """A second holder waits for the first: it logs its wait, and gets the lock only once the first lets go."""
+    import logging
+
     lock = tmp_path / "x.lock"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
-         "print('locked', flush=True); time.sleep(1.0)", str(lock)],
-        stdout=subprocess.PIPE, text=True,
+         "import fcntl, sys; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('locked', flush=True); sys.stdin.readline()", str(lock)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
+    waiting, acquired = threading.Event(), threading.Event()
+
+    class WaitSeen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waiting" in record.getMessage():
+                waiting.set()
+
+    def take_lock() -> None:
+        with demo_build._exclusive_lock(lock):
+            acquired.set()
+
+    handler = WaitSeen()
+    io_logger = logging.getLogger("tucker_export")
+    io_logger.addHandler(handler)
+    previous_level = io_logger.level
+    io_logger.setLevel(logging.INFO)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        started = time.monotonic()
-        with demo_build._exclusive_lock(lock):
-            waited = time.monotonic() - started
-        assert waited > 0.3
+        taker = threading.Thread(target=take_lock)
+        taker.start()
+        assert waiting.wait(timeout=60)  # it found the lock held and is now blocked on it
+        assert not acquired.is_set()
+        holder.communicate("release\n", timeout=60)
+        taker.join(timeout=60)
+        assert acquired.is_set()
     finally:
-        holder.wait(timeout=30)
+        io_logger.removeHandler(handler)
+        io_logger.setLevel(previous_level)
+        if holder.poll() is None:
+            holder.kill()
 
 
 def test_failed_build_leaves_no_model_and_raises_demo_build_error(monkeypatch, tmp_path: Path) -> None:
