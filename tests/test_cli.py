@@ -96,4 +96,4 @@ def test_bf16_on_onnxruntime_is_one_sentence(tmp_path) -> None:
     result = CliRunner().invoke(cli, ["infer", "-i", str(tmp_path), "-o", str(tmp_path / "o"), "-b", str(tmp_path),
                                       "--backend", "ort", "--precision", "bf16"])
     assert result.exit_code == 1
-    assert "--precision bf16 runs on --backend openvino (the CPU), not ort." in result.output
+    assert "Precision bf16 runs on the openvino backend (the CPU), not ort; use --backend openvino." in result.output

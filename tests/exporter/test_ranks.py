@@ -253,11 +253,11 @@ def test_a_full_rank_policy_keeps_everything_for_lack_of_gain(tmp_path):
     ({"factor": float("nan")}, r"rank factor .* got nan"),
     ({"mode": "energy", "energy": 0.0}, r"energy fraction .* \(0, 1\], got 0.0"),
     ({"mode": "energy", "energy": 1.2}, r"energy fraction .* got 1.2"),
-    ({"mode": "fixed"}, r"'fixed' needs the rank as --rank-min"),
-    ({"mode": "budget"}, r"exactly one of --budget-macs or --budget-params, got 0"),
+    ({"mode": "fixed"}, r"'fixed' needs the rank as the minimum rank, got none \(rank_min\)"),
+    ({"mode": "budget"}, r"exactly one of a MAC budget or a parameter budget, got 0"),
     ({"mode": "budget", "budget_macs": 1.5}, r"MAC budget .* got 1.5"),
-    ({"round_to": 0}, r"--round-to must be an integer >= 1, got 0"),
-    ({"rank_min": 0}, r"--rank-min must be an integer >= 1, got 0"),
+    ({"round_to": 0}, r"rank rounding must be an integer >= 1, got 0 \(round_to\)"),
+    ({"rank_min": 0}, r"minimum rank must be an integer >= 1, got 0 \(rank_min\)"),
 ])
 def test_invalid_policies_raise_one_sentence(kwargs, message):
     with pytest.raises(RankPolicyError, match=message):

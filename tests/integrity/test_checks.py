@@ -75,7 +75,7 @@ def test_non_ct_modality_warns_and_strict_refuses(tmp_path: Path) -> None:
     relaxed = check_case(case, NEEDS)
     assert relaxed.ok and relaxed.warnings == ["mr/: its modality is MR, the model was trained on CT"]
     strict = check_case(case, NEEDS, strict=True)
-    assert strict.errors == ["mr/: its modality is MR, the model was trained on CT (refused with --strict)"]
+    assert strict.errors == ["mr/: its modality is MR, the model was trained on CT (refused in strict mode)"]
 
 
 def test_nonfinite_voxels_are_counted_per_channel() -> None:

@@ -161,7 +161,7 @@ def test_unsafe_checkpoint_is_refused_unless_trusted(tmp_path: Path) -> None:
     checkpoint = load_checkpoint(path)
     checkpoint["extra"] = Payload()
     torch.save(checkpoint, path)
-    with pytest.raises(CheckpointError, match=r"contains .*Payload.*--trust-checkpoint"):
+    with pytest.raises(CheckpointError, match=r"contains .*Payload.*; use trust_checkpoint=True"):
         load_trained_model(model_dir)
     assert load_trained_model(model_dir, trust_checkpoint=True).folds == (0,)
 

@@ -90,7 +90,7 @@ def test_onnx_repository_parses_into_model_config(demo_bundle, tmp_path):
 def test_rerun_refuses_existing_models_unless_overwrite(demo_bundle, tmp_path):
     repo = tmp_path / "repo"
     export_triton_repository(demo_bundle, repo, TritonOptions(gpus=None, cpu_instances=2))
-    with pytest.raises(ConfigurationError, match="--overwrite"):
+    with pytest.raises(ConfigurationError, match="overwrite=True"):
         export_triton_repository(demo_bundle, repo, TritonOptions())
     export_triton_repository(demo_bundle, repo, TritonOptions(overwrite=True))
     names = [p.name for p in repo.iterdir()]

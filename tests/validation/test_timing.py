@@ -43,8 +43,8 @@ def test_interleaved_latency_times_every_target_each_round() -> None:
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"repeats": 0}, "--repeats"),
-    ({"warmup": -1}, "--warmup"),
+    ({"repeats": 0}, r"repeat count must be an integer >= 1, got 0 \(repeats\)"),
+    ({"warmup": -1}, r"warm-up count must be an integer >= 0, got -1 \(warmup\)"),
     ({"batch_sizes": (0,)}, ">= 1"),
 ])
 def test_latency_refuses_bad_counts(kwargs, message) -> None:

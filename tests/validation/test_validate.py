@@ -84,7 +84,7 @@ def test_ground_truth_comparison(exported_bundle, tmp_path: Path) -> None:
 
 def test_bad_options(exported_bundle, tmp_path: Path) -> None:
     bundle, images = exported_bundle
-    with pytest.raises(ConfigurationError, match="--min-dice must be >= 0"):
+    with pytest.raises(ConfigurationError, match="Dice bar must be >= 0.*min_dice"):
         validate_bundle(bundle, images, min_dice=-1, progress=False)
     with pytest.raises(BundleError, match="is not a tucker-export bundle"):
         validate_bundle(images, images, progress=False)

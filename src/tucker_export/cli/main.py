@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from tucker_export import __version__
-from tucker_export.cli.options import show_progress, split_folds
+from tucker_export.cli.options import describe_error, show_progress, split_folds
 from tucker_export.errors import TuckerExportError
 
 logger = logging.getLogger("tucker_export")
@@ -61,7 +61,7 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except TuckerExportError as error:
             logger.debug("Traceback of the error below:", exc_info=True)
-            click.secho(f"Error: {error}", err=True, fg="red")
+            click.secho(f"Error: {describe_error(error)}", err=True, fg="red")
             ctx.exit(1)
         except KeyboardInterrupt:
             click.secho("Interrupted; finished outputs are kept, unfinished ones were removed.", err=True)

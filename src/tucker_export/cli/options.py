@@ -24,3 +24,27 @@ def verbosity(ctx: click.Context) -> int:
 def show_progress(ctx: click.Context) -> bool:
     """Progress bars unless `-q`."""
     return verbosity(ctx) >= 0
+
+
+# Library argument names whose flag is not simply `--` + the name with dashes.
+_FLAG_OF = {
+    "workspace_gib": "--workspace",
+    "batch_profile": "--batch",
+    "batch_sizes": "--batch-sizes",
+    "rank_factors": "--sweep-rank-factor",
+    "reference_model": "--reference-model",
+    "factor": "--rank-factor",
+    "energy": "--energy",
+}
+
+
+def flag_of(option: str) -> str:
+    """The command-line flag of a library argument (``workspace_gib`` -> ``--workspace``)."""
+    return _FLAG_OF.get(option, "--" + option.replace("_", "-"))
+
+
+def describe_error(error: Exception) -> str:
+    """A library error as the CLI says it: its hint names the flag, not the Python argument."""
+    from tucker_export.errors import TuckerExportError
+
+    return error.describe(flag_of) if isinstance(error, TuckerExportError) else str(error)

@@ -37,7 +37,7 @@ def import_openvino() -> Any:
         import openvino
     except ImportError as error:
         raise BackendUnavailableError(
-            f"OpenVINO is not installed ({error}); `pip install openvino` (a CPU wheel) enables --backend openvino."
+            f"OpenVINO is not installed ({error}); `pip install openvino` (a CPU wheel) enables the openvino backend."
         ) from None
     return openvino
 

@@ -42,11 +42,11 @@ def check_rank_mode(mode: str) -> str:
     raise RankPolicyError(f"Unknown rank mode {mode!r} (valid: {', '.join(RANK_MODES)}){hint}")
 
 
-def _check_fraction(name: str, value: float | None) -> None:
+def _check_fraction(name: str, option: str, value: float | None) -> None:
     if value is None:
         return
     if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= 1):
-        raise RankPolicyError(f"{name} must lie in (0, 1], got {value}.")
+        raise RankPolicyError(f"{name} must lie in (0, 1], got {value}.", option=option)
 
 
 @dataclass(frozen=True)
@@ -69,25 +69,26 @@ class RankPolicy:
     def validate(self) -> RankPolicy:
         """Raise ``RankPolicyError`` naming the rule and the value when a parameter is unusable."""
         check_rank_mode(self.mode)
-        _check_fraction("The rank factor (--rank-factor)", self.factor)
-        _check_fraction("The energy fraction (--energy)", self.energy)
-        _check_fraction("The MAC budget (--budget-macs)", self.budget_macs)
-        _check_fraction("The parameter budget (--budget-params)", self.budget_params)
+        _check_fraction("The rank factor", "factor", self.factor)
+        _check_fraction("The energy fraction", "energy", self.energy)
+        _check_fraction("The MAC budget", "budget_macs", self.budget_macs)
+        _check_fraction("The parameter budget", "budget_params", self.budget_params)
         if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
-            raise RankPolicyError(f"--round-to must be an integer >= 1, got {self.round_to}.")
+            raise RankPolicyError(f"The rank rounding must be an integer >= 1, got {self.round_to}.", option="round_to")
         if self.rank_min is not None and (isinstance(self.rank_min, bool) or not isinstance(self.rank_min, int) or self.rank_min < 1):
-            raise RankPolicyError(f"--rank-min must be an integer >= 1, got {self.rank_min}.")
+            raise RankPolicyError(f"The minimum rank must be an integer >= 1, got {self.rank_min}.", option="rank_min")
         if self.mode == "relative" and self.factor is None:
-            raise RankPolicyError("Rank mode 'relative' needs --rank-factor in (0, 1], got none.")
+            raise RankPolicyError("Rank mode 'relative' needs a rank factor in (0, 1], got none.", option="factor")
         if self.mode == "energy" and self.energy is None:
-            raise RankPolicyError("Rank mode 'energy' needs --energy in (0, 1], got none.")
+            raise RankPolicyError("Rank mode 'energy' needs an energy fraction in (0, 1], got none.", option="energy")
         if self.mode == "fixed" and self.rank_min is None:
-            raise RankPolicyError("Rank mode 'fixed' needs the rank as --rank-min N, got none.")
+            raise RankPolicyError("Rank mode 'fixed' needs the rank as the minimum rank, got none.", option="rank_min")
         if self.mode == "budget":
             given = [b for b in (self.budget_macs, self.budget_params) if b is not None]
             if len(given) != 1:
                 raise RankPolicyError(
-                    f"Rank mode 'budget' needs exactly one of --budget-macs or --budget-params, got {len(given)}."
+                    f"Rank mode 'budget' needs exactly one of a MAC budget or a parameter budget, got {len(given)}.",
+                    option="budget_macs",
                 )
         return self
 
@@ -425,7 +426,7 @@ def allocate_budget(
     if target < minimum * (1 - tolerance):
         raise RankPolicyError(
             f"The budget of {target / original:.3f} of the original is below the smallest reachable "
-            f"{minimum / original:.3f} with these skip rules, --rank-min and --round-to; raise the budget."
+            f"{minimum / original:.3f} with these skip rules, minimum rank and rank rounding; raise the budget."
         )
     state = [0] * len(layers)  # index into each layer's Pareto options; 0 = kept
     total = original
@@ -466,7 +467,8 @@ def allocate_budget(
         if best is None:
             raise RankPolicyError(
                 f"The budget of {target / original:.3f} cannot be met within {tolerance:.0%} on the rank grid of "
-                f"--round-to {round_to} (closest: {total / original:.3f}); use a smaller --round-to."
+                f"rounding {round_to} (closest: {total / original:.3f}); round to a smaller multiple.",
+                option="round_to",
             )
         _, state, total = best
 

@@ -88,7 +88,7 @@ def check_case(
         if problem:
             check.errors.append(problem)
     if strict and check.warnings:
-        check.errors.extend(f"{w} (refused with --strict)" for w in check.warnings)
+        check.errors.extend(f"{w} (refused in strict mode)" for w in check.warnings)
         check.warnings = []
     return check
 

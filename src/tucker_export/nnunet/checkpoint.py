@@ -19,7 +19,6 @@ from tucker_export.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
-TRUST_FLAG = "--trust-checkpoint"
 
 
 def _allowed_globals() -> list[Any]:
@@ -65,7 +64,7 @@ def load_checkpoint(path: str | Path, *, trust_checkpoint: bool = False) -> dict
         raise CheckpointError(f"Checkpoint {path} does not exist.")
     try:
         if trust_checkpoint:
-            logger.warning("Loading %s with full pickle (--trust-checkpoint): it can run code.", path)
+            logger.warning("Loading %s with full pickle (the checkpoint is trusted): it can run code.", path)
             checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         else:
             with torch.serialization.safe_globals(_allowed_globals()):
@@ -74,8 +73,8 @@ def load_checkpoint(path: str | Path, *, trust_checkpoint: bool = False) -> dict
         match = _UNSUPPORTED_GLOBAL.search(str(error))
         offending = match.group(1) if match else "an object type outside the allow-list"
         raise CheckpointError(
-            f"Checkpoint {path} contains {offending}, which safe loading does not allow; "
-            f"pass {TRUST_FLAG} only if you trust where this file came from."
+            f"Checkpoint {path} contains {offending}, which safe loading does not allow; trust the checkpoint "
+            f"only if you trust where this file came from.", option="trust_checkpoint", use=True,
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         raise CheckpointError(f"Checkpoint {path} cannot be read ({_first_line(error)}); is the file complete?") from None

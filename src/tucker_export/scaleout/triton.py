@@ -341,8 +341,10 @@ def export_triton_repository(bundle_path: str | Path, repository: str | Path, op
             planned.append(_plan_model(bundle, fold, precision, prefix, options, gpu_kinds))
     existing = [m.name for m, _, _ in planned if (repository / m.name).exists()]
     if existing and not options.overwrite:
-        raise ConfigurationError(f"Triton repository {repository} already has {', '.join(existing)}; pass --overwrite "
-                                 "to replace them.")
+        raise ConfigurationError(
+            f"Triton repository {repository} already has {', '.join(existing)}; replace them on purpose",
+            option="overwrite", use=True,
+        )
     for model, config, files in planned:
         _write_model(repository / model.name, config, files)
         logger.debug("Wrote Triton model %s", model.name)

@@ -39,18 +39,18 @@ def parse_batch_sizes(value: str | Sequence[int]) -> tuple[int, ...]:
         try:
             size = int(part)
         except (TypeError, ValueError):
-            raise ConfigurationError(f"Batch size {part!r} is not an integer (e.g. --batch-sizes 1,2,4).") from None
+            raise ConfigurationError(f"Batch size {part!r} is not an integer (e.g. 1,2,4).", option="batch_sizes") from None
         if size < 1:
             raise ConfigurationError(f"Batch sizes must be integers >= 1, got {part!r}.")
         if size not in sizes:
             sizes.append(size)
     if not sizes:
-        raise ConfigurationError("At least one batch size is needed (e.g. --batch-sizes 1,2,4).")
+        raise ConfigurationError("At least one batch size is needed (e.g. 1,2,4).", option="batch_sizes")
     return tuple(sizes)
 
 
 def _check_counts(warmup: int, repeats: int) -> None:
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ConfigurationError(f"--warmup must be an integer >= 0, got {warmup!r}.")
+        raise ConfigurationError(f"The warm-up count must be an integer >= 0, got {warmup!r}.", option="warmup")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ConfigurationError(f"--repeats must be an integer >= 1, got {repeats!r}.")
+        raise ConfigurationError(f"The repeat count must be an integer >= 1, got {repeats!r}.", option="repeats")
