@@ -43,8 +43,6 @@ from tucker_export._io import sha256_file, staged_folder, write_json_atomic
 from tucker_export.errors import BundleError
 
 if TYPE_CHECKING:
-    import torch
-
     from tucker_export.nnunet.loading import Fold, ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -52,6 +50,10 @@ logger = logging.getLogger(__name__)
 MANIFEST_NAME = "bundle.json"
 FORMAT_NAME = "tucker-export-bundle"
 FORMAT_VERSION = 1
+# Manifest sections of the exports and of the engines, by runtime (records: tucker_export.engines).
+ONNX_SECTION = "onnx"
+ENGINES_SECTION = "engines"
+CPU_ENGINES_SECTION = "cpu_engines"
 
 
 def fold_key(fold: Fold) -> str:
@@ -77,22 +79,6 @@ def onnx_key(fold: Fold, precision: str) -> str:
 
 def export_command(bundle_path: Any, precision: str) -> str:
     return f"tucker-export export {bundle_path} --precision {precision}"
-
-
-def stale_onnx_reason(manifest: dict[str, Any], fold: Fold, entry: dict[str, Any]) -> str | None:
-    """Why an ONNX entry no longer fits its fold's weights (``finetune`` wrote new ones), else None.
-
-    An export records the sha256 of the weights it was made from; entries written before that
-    field existed carry none and are taken as they are.
-    """
-    exported_from = entry.get("weights_sha256")
-    current = manifest.get("folds", {}).get(fold_key(fold), {}).get("weights", {}).get("sha256")
-    if exported_from is None or current is None or exported_from == current:
-        return None
-    return (
-        f"was exported from other weights of fold {fold} (sha256 {exported_from[:12]}..., the weights are now "
-        f"{current[:12]}..., e.g. after `tucker-export finetune`)"
-    )
 
 
 class Bundle:
@@ -182,6 +168,17 @@ class Bundle:
             have = ", ".join(self.manifest["folds"]) or "none"
             raise BundleError(f"Bundle {self.path} has no fold {fold} (folds: {have}).") from None
 
+    def fold_entries(self) -> dict[str, dict[str, Any]]:
+        """Every fold's entry (weights, layers, totals) by fold key, in manifest order."""
+        return self.manifest.get("folds", {})
+
+    def fold_layers(self, fold: Fold) -> list[dict[str, Any]]:
+        """The per-convolution records of ``fold`` (see ``tucker_export.exporter.decompose``)."""
+        return self.fold_entry(fold)["layers"]
+
+    def fold_totals(self, fold: Fold) -> dict[str, Any]:
+        return self.fold_entry(fold).get("totals", {})
+
     def resolve_folds(self, folds: tuple[Fold, ...] | list[Fold] | None) -> tuple[Fold, ...]:
         """The requested folds, checked against the bundle; ``None`` means all of them."""
         if not folds:
@@ -196,17 +193,8 @@ class Bundle:
     def weights_path(self, fold: Fold) -> Path:
         return self.path / self.fold_entry(fold)["weights"]["file"]
 
-    def build_network(self, fold: Fold) -> torch.nn.Module:
-        """Rebuild the (factorized) network of ``fold`` from the manifest and load its weights.
-
-        No decomposition runs: the layer list says which convolutions are factorized with which
-        ranks, and the safetensors file holds the factors.
-        """
-        from safetensors.torch import load_file
-
-        from tucker_export.exporter.tucker import apply_factorized_structure, restore_aliased_keys
-        from tucker_export.nnunet.loading import load_state_dict_checked
-
+    def verify_weights(self, fold: Fold) -> Path:
+        """The path of ``fold``'s weights file, refused when missing or changed behind the manifest."""
         entry = self.fold_entry(fold)
         weights = self.weights_path(fold)
         if not weights.is_file():
@@ -214,40 +202,76 @@ class Bundle:
         if entry["weights"].get("sha256"):
             # A weights file changed behind the manifest would silently disagree with its exports and gates.
             self.verify_file(entry["weights"]["file"], entry["weights"]["sha256"])
-        network = self.spec.build_network()
-        apply_factorized_structure(network, entry["layers"])
-        try:
-            state_dict = load_file(weights)
-        except Exception as error:  # safetensors raises its own SafetensorError
-            raise BundleError(f"Weights file {weights} cannot be read ({error}); re-run `tucker-export decompose`.") from None
-        # safetensors stores each tensor once; nnU-Net's aliased names (conv/all_modules.0,
-        # encoder/decoder.encoder) are put back from the module structure before strict loading.
-        state_dict = restore_aliased_keys(network, state_dict)
-        load_state_dict_checked(network, state_dict, weights)
-        return network.eval()
+        return weights
 
     # ---- ONNX exports ---------------------------------------------------------------------
     def onnx_entry(self, fold: Fold, precision: str) -> dict[str, Any]:
         """The manifest entry of fold ``fold``'s ``precision`` ONNX export, refused when missing or stale."""
         command = export_command(self.path, precision)
-        entry = self.manifest.get("onnx", {}).get(onnx_key(fold, precision))
+        entry = self.onnx_entries().get(onnx_key(fold, precision))
         if entry is None:
             raise BundleError(f"Bundle {self.path} has no {precision} ONNX export of fold {fold}; run `{command}`.")
-        reason = stale_onnx_reason(self.manifest, fold, entry)
+        reason = self.stale_onnx_reason(fold, entry)
         if reason is not None:
             raise BundleError(f"The {precision} ONNX export of fold {fold} {reason}; re-export it with `{command}`.")
         return entry
 
     def onnx_entries(self) -> dict[str, dict[str, Any]]:
         """Every ONNX export's entry by key (``fold_<f>.<precision>``), stale or not."""
-        return self.manifest.get("onnx", {})
+        return self.manifest.get(ONNX_SECTION, {})
+
+    def onnx_sha256(self, fold: Fold, precision: str) -> str | None:
+        """The recorded checksum of an ONNX export, None when the bundle has none."""
+        entry = self.onnx_entries().get(onnx_key(fold, precision))
+        return entry.get("sha256") if entry else None
+
+    def stale_onnx_reason(self, fold: Fold, entry: dict[str, Any]) -> str | None:
+        """Why an ONNX entry no longer fits its fold's weights (``finetune`` wrote new ones), else None.
+
+        An export records the sha256 of the weights it was made from; entries written before that
+        field existed carry none and are taken as they are.
+        """
+        exported_from = entry.get("weights_sha256")
+        current = self.fold_entries().get(fold_key(fold), {}).get("weights", {}).get("sha256")
+        if exported_from is None or current is None or exported_from == current:
+            return None
+        return (
+            f"was exported from other weights of fold {fold} (sha256 {exported_from[:12]}..., the weights are now "
+            f"{current[:12]}..., e.g. after `tucker-export finetune`)"
+        )
 
     def has_onnx(self, fold: Fold, precision: str) -> bool:
         return onnx_key(fold, precision) in self.onnx_entries()
 
-    def engine_records(self, section: str = "engines") -> dict[str, dict[str, Any]]:
+    def engine_records(self, section: str = ENGINES_SECTION) -> dict[str, dict[str, Any]]:
         """TensorRT engine records (``engines``) or OpenVINO ones (``cpu_engines``) by key."""
         return self.manifest.get(section, {})
+
+    def finetuning_records(self) -> list[dict[str, Any]]:
+        return self.manifest.get("finetuning", [])
+
+    # ---- writing --------------------------------------------------------------------------
+    def set_fold(self, fold: Fold, *, weights_file: str, layers: list[dict[str, Any]], totals: dict[str, Any]) -> None:
+        """Record ``fold``'s weights file (already written under the bundle) with its layers and totals."""
+        self.manifest.setdefault("folds", {})[fold_key(fold)] = {
+            "weights": {"file": weights_file, "sha256": sha256_file(self.path / weights_file)},
+            "layers": layers,
+            "totals": totals,
+        }
+
+    def refresh_weights(self, fold: Fold) -> None:
+        """Record the checksum of ``fold``'s weights file after it was rewritten in place (fine-tuning)."""
+        entry = self.fold_entry(fold)
+        entry["weights"] = {"file": entry["weights"]["file"], "sha256": sha256_file(self.weights_path(fold))}
+
+    def add_finetuning(self, record: dict[str, Any]) -> None:
+        self.manifest.setdefault("finetuning", []).append(record)
+
+    def copy_to(self, path: Path) -> Bundle:
+        """This manifest (a deep copy) bound to another folder, to write a changed bundle beside the original."""
+        import copy
+
+        return Bundle(path, copy.deepcopy(self.manifest))
 
     # ---- artifacts ------------------------------------------------------------------------
     def artifact_path(self, relative: str | Path) -> Path:
@@ -280,8 +304,19 @@ class Bundle:
         return path
 
 
-def new_manifest(spec: ModelSpec, *, source_checksum: str, checkpoint_name: str) -> dict[str, Any]:
-    """The manifest skeleton of a new bundle made from ``spec``'s model folder."""
+def new_bundle(
+    path: Path, spec: ModelSpec, *, source_checksum: str, checkpoint_name: str, source_folds: list[str],
+    rank_policy: dict[str, Any], decomposition: dict[str, Any],
+) -> Bundle:
+    """A new, not yet saved bundle in ``path`` made from ``spec``'s model folder (folds are added with ``set_fold``)."""
+    manifest = _manifest_skeleton(spec, source_checksum=source_checksum, checkpoint_name=checkpoint_name)
+    manifest["source"]["folds"] = source_folds
+    manifest["rank_policy"] = rank_policy
+    manifest["decomposition"] = decomposition
+    return Bundle(path, manifest)
+
+
+def _manifest_skeleton(spec: ModelSpec, *, source_checksum: str, checkpoint_name: str) -> dict[str, Any]:
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -323,9 +358,11 @@ def model_checksum(model_dir: Path, checkpoint_paths: list[Path]) -> str:
 def check_bundle_target(target: Path, *, overwrite: bool) -> None:
     """Refuse a path that is a file, or a non-empty folder without ``overwrite`` (checked before any slow work)."""
     if target.exists() and not target.is_dir():
-        raise BundleError(f"Bundle path {target} exists and is not a folder; choose another -o path.")
+        raise BundleError(f"Bundle path {target} exists and is not a folder; choose another output path.")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise BundleError(f"Bundle path {target} exists and is not empty; pass --overwrite to replace it.")
+        raise BundleError(
+            f"Bundle path {target} exists and is not empty; replace it on purpose", option="overwrite", use=True
+        )
 
 
 @contextmanager

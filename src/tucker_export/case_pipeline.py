@@ -22,13 +22,16 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from tucker_export.errors import BrokenScanError, TuckerExportError
 from tucker_export.nnunet.cases import Case
 from tucker_export.nnunet.reading import PreparedCase, preprocess_case
+
+if TYPE_CHECKING:
+    from tucker_export.nnunet.loading import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +87,7 @@ def run_cases(
     one case after the other (for measuring what the overlap gains). ``fast_export``: the chunked
     PyTorch export (``nnunet.fast_export``) where it reproduces stock's, else stock's own.
     """
-    from tucker_export.nnunet.fast_export import export_segmentation, fast_export_unsupported
+    from tucker_export.nnunet.fast_export import fast_export_unsupported
 
     stock_reason = "the stock export was asked for" if not fast_export else fast_export_unsupported(
         spec, save_probabilities=save_probabilities)
@@ -92,44 +95,78 @@ def run_cases(
         logger.debug("Exporting with stock nnU-Net: %s.", stock_reason)
     file_ending = spec.dataset_json["file_ending"]
     results: dict[str, CaseResult] = {}
+    todo = _cases_to_do(cases, output_dir, file_ending, overwrite, results)
+    stages = _CaseStages(spec, output_dir, file_ending, strict=strict, save_probabilities=save_probabilities,
+                         stock_reason=stock_reason)
+    _run_todo(todo, stages, predict, results, workers=1 if overlap else 0, progress=progress)
+    return [results[case.name] for case in cases]
+
+
+def _cases_to_do(
+    cases: Sequence[Case], output_dir: Path, file_ending: str, overwrite: bool, results: dict[str, CaseResult]
+) -> list[Case]:
+    """The cases still to segment; those with an output already are recorded in ``results`` as skipped."""
     todo = []
     for case in cases:
         target = output_path(output_dir, case.name, file_ending)
         if target.exists() and not overwrite:
-            logger.debug("%s: %s exists, skipped (use --overwrite to redo).", case.name, target)
+            logger.debug("%s: %s exists, skipped (overwrite redoes it).", case.name, target)
             results[case.name] = CaseResult(case.name, "skipped", target)
         else:
             todo.append(case)
+    return todo
 
-    def prepare(case: Case) -> PreparedCase:
-        return preprocess_case(case, spec, strict=strict, stock_export=bool(stock_reason))
 
-    def export(case: Case, logits: torch.Tensor, prepared: PreparedCase) -> float:
+@dataclass(frozen=True)
+class _CaseStages:
+    """The two ends of a case that run in worker threads: preprocessing before the network, export after."""
+
+    spec: ModelSpec
+    output_dir: Path
+    file_ending: str
+    strict: bool
+    save_probabilities: bool
+    stock_reason: str | None  # why the export goes through stock nnU-Net; None for the fast export
+
+    def prepare(self, case: Case) -> PreparedCase:
+        return preprocess_case(case, self.spec, strict=self.strict, stock_export=bool(self.stock_reason))
+
+    def export(self, case: Case, logits: torch.Tensor, prepared: PreparedCase) -> float:
         from nnunetv2.inference.export_prediction import export_prediction_from_logits
 
+        from tucker_export.nnunet.fast_export import export_segmentation
+
+        spec = self.spec
         started = time.perf_counter()
 
         def stock(truncated: str) -> None:
             export_prediction_from_logits(logits, prepared.properties, spec.configuration_manager, spec.plans_manager,
-                                          spec.dataset_json, truncated, save_probabilities)
+                                          spec.dataset_json, truncated, self.save_probabilities)
 
         def fast(truncated: str) -> None:
             export_segmentation(logits, prepared.properties, spec, truncated)
 
         export_atomically(
-            stock if stock_reason else fast,
-            output_path(output_dir, case.name, file_ending),
-            file_ending,
-            extra_suffixes=(".npz", ".pkl") if save_probabilities else (),
+            stock if self.stock_reason else fast,
+            output_path(self.output_dir, case.name, self.file_ending),
+            self.file_ending,
+            extra_suffixes=(".npz", ".pkl") if self.save_probabilities else (),
         )
         return time.perf_counter() - started
 
-    workers = 1 if overlap else 0
+
+def _run_todo(
+    todo: list[Case], stages: _CaseStages, predict: Callable[[torch.Tensor], torch.Tensor],
+    results: dict[str, CaseResult], *, workers: int, progress: Callable[[Iterable[Case]], Iterable[Case]],
+) -> None:
+    """Run the network on each case in turn while the next is prepared and the previous exported."""
     with _pool(workers, "prepare") as prepare_pool, _pool(workers, "export") as export_pool:
-        ahead: Future | None = prepare_pool.submit(prepare, todo[0]) if todo else None
+        ahead: Future | None = prepare_pool.submit(stages.prepare, todo[0]) if todo else None
         in_flight: tuple[Case, Future, dict[str, float], list[str]] | None = None
         for index, case in enumerate(progress(todo)):
-            current, ahead = ahead, (prepare_pool.submit(prepare, todo[index + 1]) if index + 1 < len(todo) else None)
+            current, ahead = ahead, (
+                prepare_pool.submit(stages.prepare, todo[index + 1]) if index + 1 < len(todo) else None
+            )
             try:
                 ready: PreparedCase = current.result()
             except _CASE_ERRORS as error:
@@ -143,12 +180,11 @@ def run_cases(
                 continue
             seconds = {**ready.seconds, "network": time.perf_counter() - started}
             if in_flight is not None:  # one export at a time: bounded memory
-                _finish_export(in_flight, results, output_dir, file_ending)
-            in_flight = (case, export_pool.submit(export, case, logits, ready), seconds, ready.warnings)
+                _finish_export(in_flight, results, stages.output_dir, stages.file_ending)
+            in_flight = (case, export_pool.submit(stages.export, case, logits, ready), seconds, ready.warnings)
             del logits, ready
         if in_flight is not None:
-            _finish_export(in_flight, results, output_dir, file_ending)
-    return [results[case.name] for case in cases]
+            _finish_export(in_flight, results, stages.output_dir, stages.file_ending)
 
 
 def _finish_export(in_flight, results: dict[str, CaseResult], output_dir: Path, file_ending: str) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tucker_export.bundle import Bundle
 from tucker_export.demo import DemoModel
 
 logger = logging.getLogger(__name__)
@@ -63,20 +64,19 @@ def _dice_per_structure(pred_dir: Path, ref_dir: Path, label_names: dict[int, st
 
 def run_demo_pipeline(model: DemoModel, *, work_dir: Path | None = None, progress: bool = True) -> DemoReport:
     """Run decompose, export, infer and the comparisons on the demo model; outputs go to ``work_dir``."""
-    from tucker_export.exporter.decompose import decompose_model
-    from tucker_export.exporter.onnx_export import export_bundle
     from tucker_export.exporter.ranks import RankPolicy
     from tucker_export.inference import run_inference
+    from tucker_export.pipeline import prepare_bundle
     from tucker_export.validation.machine import MachineWatch, describe_verdict
 
     watch = MachineWatch()
     work_dir = Path(work_dir) if work_dir is not None else model.root / "pipeline"
     bundle_dir = work_dir / f"bundle-rank{RANK_FACTOR}"
-    logger.info("Decomposing %s at rank factor %s into %s", model.model_dir, RANK_FACTOR, bundle_dir)
-    bundle = decompose_model(model.model_dir, bundle_dir, policy=RankPolicy(mode="relative", factor=RANK_FACTOR),
-                             overwrite=True, progress=progress)
-    logger.info("Exporting ONNX (fp32) and checking it against PyTorch")
-    records = export_bundle(bundle, precisions=("fp32",), progress=progress)
+    logger.info("Decomposing %s at rank factor %s into %s, exporting ONNX (fp32) and checking it against PyTorch",
+                model.model_dir, RANK_FACTOR, bundle_dir)
+    prepared = prepare_bundle(model.model_dir, bundle_dir, policy=RankPolicy(mode="relative", factor=RANK_FACTOR),
+                              precisions=("fp32",), progress=progress)
+    bundle, records = prepared.bundle, prepared.exports
 
     tucker_dir = work_dir / "segmentations-tucker"
     original_dir = work_dir / "segmentations-original-torch"
@@ -99,7 +99,7 @@ def run_demo_pipeline(model: DemoModel, *, work_dir: Path | None = None, progres
                              overwrite=True, progress=progress)
     seconds_original = time.perf_counter() - start
 
-    totals = _totals(bundle.manifest)
+    totals = _totals(bundle)
     return DemoReport(
         model_dir=model.model_dir,
         bundle_dir=bundle_dir,
@@ -125,10 +125,9 @@ def _network_seconds(report) -> float:
     return float(sum(r.seconds.get("network", 0.0) for r in report.results))
 
 
-def _totals(manifest: dict) -> tuple[float, float]:
-    """Whole-network params and MACs after/before, summed over the layer entries of the first fold."""
-    fold = next(iter(manifest["folds"].values()))
-    totals = fold["totals"]
+def _totals(bundle: Bundle) -> tuple[float, float]:
+    """Whole-network params and MACs after/before of the first fold."""
+    totals = bundle.fold_totals(bundle.folds[0])
     return (
         totals["params_after"] / totals["params_before"],
         totals["macs_after"] / totals["macs_before"],

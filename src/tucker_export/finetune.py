@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from tucker_export._io import sha256_file, write_json_atomic
-from tucker_export.bundle import MANIFEST_NAME, Bundle, fold_key, model_checksum, staged_bundle_dir, utc_now
+from tucker_export.bundle import Bundle, fold_key, model_checksum, staged_bundle_dir, utc_now
 from tucker_export.errors import BundleError, ConfigurationError
+from tucker_export.exporter.rebuild import build_network
 
 logger = logging.getLogger(__name__)
 
@@ -317,9 +317,9 @@ def finetune_bundle(
     results: list[FoldResult] = []
     with staged_bundle_dir(target, overwrite=True) as staging:
         shutil.copytree(bundle.path, staging, dirs_exist_ok=True)
-        manifest = bundle.manifest
+        staged = bundle.copy_to(staging)
         for fold in selected:
-            student = bundle.build_network(fold)
+            student = build_network(bundle, fold)
             result = distill_fold(
                 teacher.networks[fold], student, train, held_out, settings,
                 num_classes=bundle.num_segmentation_heads, fold=str(fold), progress=progress,
@@ -330,14 +330,11 @@ def finetune_bundle(
             _log_fold(result)
             if not result.improved:
                 continue
-            entry = manifest["folds"][fold_key(fold)]
-            relative = entry["weights"]["file"]
-            save_file(deduplicated_state_dict(student.cpu()), str(staging / relative))
-            entry["weights"] = {"file": relative, "sha256": sha256_file(staging / relative)}
+            save_file(deduplicated_state_dict(student.cpu()), str(staged.weights_path(fold)))
+            staged.refresh_weights(fold)
         report = FinetuneReport(str(bundle.path), str(target), asdict(settings), tiles.source, results)
-        manifest.setdefault("finetuning", []).append(_record(bundle, report, train_count=len(train), held=n_held))
-        manifest["updated"] = utc_now()
-        write_json_atomic(staging / MANIFEST_NAME, manifest)
+        staged.add_finetuning(_record(bundle, report, train_count=len(train), held=n_held))
+        staged.save()
     return report
 
 

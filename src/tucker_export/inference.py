@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from tucker_export.case_pipeline import STAGES, CaseResult, run_cases
-from tucker_export.errors import ConfigurationError, ModelFolderError
+from tucker_export.errors import ConfigurationError
 from tucker_export.nnunet.cases import discover_cases
 from tucker_export.nnunet.loading import Fold, ModelSpec
 from tucker_export.nnunet.predictor import EnginePredictor, FoldModel, mirror_axis_combinations
+from tucker_export.runtimes import torch_callable
 
 logger = logging.getLogger(__name__)
 
@@ -104,13 +105,7 @@ class FoldEngines:
 
 
 def torch_fold_model(network: torch.nn.Module, device: torch.device) -> FoldModel:
-    network = network.to(device).eval()
-
-    def run(batch: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return network(batch.to(device))
-
-    return run
+    return torch_callable(network, device)
 
 
 @contextlib.contextmanager
@@ -157,6 +152,8 @@ def open_fold_engines(
         from tucker_export.bundle import Bundle
 
         if model_dir is not None:
+            from tucker_export.pipeline import undecomposed_bundle
+
             bundle = undecomposed_bundle(model_dir, precision=onnx_precision(precision) if backend != "torch" else None,
                                          trust_checkpoint=trust_checkpoint)
         else:
@@ -181,48 +178,14 @@ def runner_fold_model(runner, device: torch.device) -> FoldModel:
     return run
 
 
-def undecomposed_bundle(model_dir: str | Path, *, precision: str | None = None, trust_checkpoint: bool = False):
-    """A cached bundle of the undecomposed model (rank mode ``none``), so -m runs through the same engines.
-
-    It lives in the user cache folder (``$TUCKER_EXPORT_CACHE`` or ``~/.cache/tucker-export``) under
-    the model's checksum and is made once; with ``precision`` its ONNX export for that precision is
-    made once too. A lock beside it makes concurrent runs wait for one preparation.
-    """
-    from tucker_export._io import exclusive_lock, user_cache_dir
-    from tucker_export.bundle import Bundle, model_checksum
-    from tucker_export.exporter.decompose import decompose_model
-    from tucker_export.exporter.onnx_export import export_bundle
-    from tucker_export.exporter.ranks import RankPolicy
-    from tucker_export.nnunet.loading import available_folds
-
-    model_dir = Path(model_dir)
-    folds = available_folds(model_dir)
-    if not folds:
-        raise ModelFolderError(f"{model_dir} has no fold_N/checkpoint_final.pth; is it an nnU-Net trained model folder?")
-    checksum = model_checksum(model_dir, [model_dir / f"fold_{f}" / "checkpoint_final.pth" for f in folds])
-    target = user_cache_dir() / "bundles" / f"original-{checksum[:16]}"
-    with exclusive_lock(target.parent / f".{target.name}.lock",
-                        "Another process is preparing the undecomposed bundle (lock %s); waiting for it"):
-        if (target / "bundle.json").is_file():
-            bundle = Bundle.load(target)
-        else:
-            logger.info("Preparing an undecomposed bundle of %s in %s (once per model).", model_dir, target)
-            bundle = decompose_model(model_dir, target, policy=RankPolicy(mode="none"), overwrite=True,
-                                     trust_checkpoint=trust_checkpoint, progress=False)
-        missing = [f for f in bundle.folds if not bundle.has_onnx(f, precision)] if precision else []
-        if missing:
-            logger.info("Exporting the undecomposed model to ONNX (%s), once per model.", precision)
-            export_bundle(bundle, precisions=(precision,), folds=missing, progress=False)
-    return bundle
-
-
 def parse_device(device: str) -> torch.device:
     try:
         parsed = torch.device(device)
     except RuntimeError:
         raise ConfigurationError(f"Device {device!r} is not 'cpu', 'cuda' or 'cuda:N'.") from None
     if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigurationError(f"Device {device} was requested but no CUDA device is visible; use --device cpu.")
+        raise ConfigurationError(f"Device {device} was requested but no CUDA device is visible.", option="device",
+                                 use="cpu")
     if parsed.type not in ("cpu", "cuda"):
         raise ConfigurationError(f"Device {device!r} is not 'cpu', 'cuda' or 'cuda:N'.")
     return parsed

@@ -22,10 +22,10 @@ TRT = "10.8.0.43"
 
 def _plan(bundle: Bundle, **overrides):
     options = {
-        "bundle_path": bundle.path, "folds": bundle.folds, "precisions": ("fp32", "fp16"),
+        "folds": bundle.folds, "precisions": ("fp32", "fp16"),
         "gpus": [H200, H200_B, L4], "trt_version": TRT, "batch_profile": None, "workspace_gib": 4.0,
     }
-    return plan_builds(bundle.manifest, **{**options, **overrides})
+    return plan_builds(bundle, **{**options, **overrides})
 
 
 def test_one_job_per_fold_precision_and_gpu_kind(exported_bundle):
@@ -58,7 +58,7 @@ def test_missing_exports_are_all_named_with_the_export_command(exported_bundle):
     message = str(caught.value)
     assert "no ONNX export fold_0.fp16" in message and "no ONNX export fold_1.fp16" in message
     assert f"`tucker-export export {bundle.path} --precision fp16`" in message
-    assert available_precisions(bundle.manifest) == ("fp32",)
+    assert available_precisions(bundle) == ("fp32",)
 
 
 def test_static_batch_exports_are_refused(exported_bundle):
@@ -69,7 +69,7 @@ def test_static_batch_exports_are_refused(exported_bundle):
 
 
 def test_bad_workspace_is_refused(exported_bundle):
-    with pytest.raises(ConfigurationError, match="--workspace must be a positive number"):
+    with pytest.raises(ConfigurationError, match="workspace must be a positive number.*workspace_gib"):
         _plan(Bundle.load(exported_bundle), workspace_gib=0)
 
 

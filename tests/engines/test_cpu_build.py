@@ -31,6 +31,7 @@ from tucker_export.errors import (
     EngineError,
     ValidationFailedError,
 )
+from tucker_export.exporter.rebuild import build_network
 
 openvino = pytest.importorskip("openvino")
 
@@ -81,14 +82,14 @@ def _rec(precision, latency, passed=True, sha="a" * 64, fold=0):
 
 
 def test_auto_precision_takes_the_fastest_gated_model_then_the_default():
-    manifest = {CPU_ENGINES_SECTION: {r["key"]: r for r in (_rec("fp32", 30.0), _rec("bf16", 12.0), _rec("int8", 8.0, passed=False))}}
+    records = {r["key"]: r for r in (_rec("fp32", 30.0), _rec("bf16", 12.0), _rec("int8", 8.0, passed=False))}
     kwargs = dict(folds=[0], cpu=CPU, openvino_version="1.0", onnx_sha256={0: "a" * 64})
-    assert rank_cpu_precisions(manifest, default="bf16", **kwargs) == ["bf16", "fp32"]
+    assert rank_cpu_precisions(records, default="bf16", **kwargs) == ["bf16", "fp32"]
     stale = dict(kwargs, onnx_sha256={0: "b" * 64})
-    assert rank_cpu_precisions(manifest, default="bf16", **stale) == ["bf16", "fp32"]
+    assert rank_cpu_precisions(records, default="bf16", **stale) == ["bf16", "fp32"]
     assert rank_cpu_precisions({}, default="fp32", **kwargs) == ["fp32"]
-    manifest[CPU_ENGINES_SECTION]["int8ok"] = _rec("int8", 5.0)
-    assert rank_cpu_precisions(manifest, default="bf16", **kwargs)[0] == "int8"
+    records["int8ok"] = _rec("int8", 5.0)
+    assert rank_cpu_precisions(records, default="bf16", **kwargs)[0] == "int8"
 
 
 def test_decision_table_with_openvino():
@@ -99,7 +100,7 @@ def test_decision_table_with_openvino():
     assert decide_backend("auto", precision="fp32", **common).backend == "ort"  # an ORT precision keeps ORT
     with pytest.raises(EngineError):
         decide_backend("auto", precision="bf16", openvino_problem=EngineError("no bf16."), **common)
-    with pytest.raises(ConfigurationError, match="--precision bf16 runs on --backend openvino"):
+    with pytest.raises(ConfigurationError, match="Precision bf16 runs on the openvino backend"):
         decide_backend("ort", precision="bf16", **common)
     with pytest.raises(ConfigurationError, match="not fp16"):
         decide_backend("openvino", precision="fp16", **common)
@@ -123,7 +124,7 @@ def test_fp32_build_records_the_gate_and_runs_like_pytorch(exported_bundle):
     import torch
 
     with torch.inference_mode():
-        expected = bundle.build_network(0)(torch.from_numpy(x)).numpy()
+        expected = build_network(bundle, 0)(torch.from_numpy(x)).numpy()
     with OpenVinoRunner(exported_bundle / saved["file"], precision="fp32") as runner:
         assert np.abs(runner.infer(x) - expected).max() < 1e-3
         assert isinstance(runner.infer(torch.from_numpy(x)), torch.Tensor)
@@ -170,7 +171,7 @@ def test_bad_requests_are_one_sentence(exported_bundle, monkeypatch):
     from tucker_export.engines import openvino_backend
 
     result = CliRunner().invoke(cli, ["build", str(exported_bundle), "--backend", "openvino", "--precision", "int8"])
-    assert result.exit_code == 1 and "int8 needs calibration scans: add --calibration-dir SCANS" in result.output
+    assert result.exit_code == 1 and "int8 needs calibration scans" in result.output and "(--calibration-dir)" in result.output
     result = CliRunner().invoke(cli, ["build", str(exported_bundle), "--backend", "openvino", "--precision", "int8",
                                       "--calibration-dir", str(exported_bundle / "nowhere")])
     assert result.exit_code == 1 and "nowhere do not exist" in result.output

@@ -57,7 +57,7 @@ def test_precisions():
     with pytest.raises(ConfigurationError, match="'fp16' is not one of fp32, bf16, int8"):
         normalize_cpu_precision("fp16")
     check_precision_supported("bf16", SAPPHIRE, ["FP32", "BF16", "INT8"])
-    with pytest.raises(EngineError, match=r"no bf16 support in OpenVINO .* use --precision fp32"):
+    with pytest.raises(EngineError, match=r"no bf16 support in OpenVINO .* use precision='fp32'"):
         check_precision_supported("bf16", OLD_XEON, ["FP32", "INT8"])
 
 
@@ -83,17 +83,17 @@ def test_a_foreign_or_stale_compiled_model_is_refused_with_the_reason():
 def test_find_record_prefers_this_cpu_kind_and_names_the_rebuild_command():
     manifest = {"cpu_engines": {r["key"]: r for r in (_record(cpu=OLD_XEON), _record(version="2025.1.0"))}}
     with pytest.raises(EngineMismatchError) as error:
-        find_cpu_engine_record(manifest, fold=0, precision="bf16", cpu=SAPPHIRE, openvino_version=OV,
+        find_cpu_engine_record(manifest["cpu_engines"], fold=0, precision="bf16", cpu=SAPPHIRE, openvino_version=OV,
                                bundle_path="b", onnx_sha256=SHA)
     assert "compiled with OpenVINO 2025.1.0" in str(error.value)
     assert "`tucker-export build b --backend openvino --precision bf16`" in str(error.value)
     with pytest.raises(EngineError, match="no OpenVINO int8 model for fold 0.*--calibration-dir SCANS"):
-        find_cpu_engine_record(manifest, fold=0, precision="int8", cpu=SAPPHIRE, openvino_version=OV,
+        find_cpu_engine_record(manifest["cpu_engines"], fold=0, precision="int8", cpu=SAPPHIRE, openvino_version=OV,
                                bundle_path="b", onnx_sha256=SHA)
     good = _record()
     manifest["cpu_engines"][good["key"]] = good
-    assert find_cpu_engine_record(manifest, fold=0, precision="bf16", cpu=SAPPHIRE, openvino_version=OV,
+    assert find_cpu_engine_record(manifest["cpu_engines"], fold=0, precision="bf16", cpu=SAPPHIRE, openvino_version=OV,
                                   bundle_path="b", onnx_sha256=SHA) is good
-    assert superseded_cpu_records(manifest, fold=0, precision="bf16", cpu=SAPPHIRE, keep_key=good["key"]) == [
+    assert superseded_cpu_records(manifest["cpu_engines"], fold=0, precision="bf16", cpu=SAPPHIRE, keep_key=good["key"]) == [
         _record(version="2025.1.0")["key"]
     ]

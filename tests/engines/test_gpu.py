@@ -12,6 +12,7 @@ import torch
 
 from tucker_export.bundle import Bundle
 from tucker_export.exporter.onnx_export import seeded_input
+from tucker_export.exporter.rebuild import build_network
 
 from .conftest import cuda_available, tensorrt_and_cuda
 
@@ -76,7 +77,7 @@ def test_torch_runner_autocast_on_cuda(exported_bundle):
 
     bundle = Bundle.load(exported_bundle)
     x = seeded_input(2, bundle.num_input_channels, bundle.patch_size, seed=4)
-    with TorchRunner(bundle.build_network(0), precision="fp16", device="cuda:0") as runner:
+    with TorchRunner(build_network(bundle, 0), precision="fp16", device="cuda:0") as runner:
         assert runner.precision == "fp16"
         out = runner.infer(torch.from_numpy(x).cuda())
     assert out.dtype == torch.float32 and out.device.type == "cuda"

@@ -83,7 +83,7 @@ def test_gpu_selection_and_one_engine_per_kind():
     assert one_per_kind(devices) == [H200, A100]
     with pytest.raises(ConfigurationError, match="GPU 5 does not exist on this machine"):
         parse_gpu_selection("5", devices)
-    with pytest.raises(ConfigurationError, match="--gpus takes 'all'"):
+    with pytest.raises(ConfigurationError, match="The GPU selection is 'all'.*\\(gpus\\)"):
         parse_gpu_selection("first", devices)
     with pytest.raises(EngineError, match="No CUDA device"):
         parse_gpu_selection("all", [])
@@ -131,14 +131,15 @@ def test_record_has_what_loading_compares():
 
 def test_matching_engine_is_found():
     manifest = _manifest(_record(A100), _record(H200))
-    found = find_engine_record(manifest, fold=0, precision="fp16", gpu=H200_B, trt_version=TRT, bundle_path="b")
+    found = find_engine_record(manifest["engines"], onnx_sha256=SHA, fold=0, precision="fp16", gpu=H200_B, trt_version=TRT, bundle_path="b")
     assert found["gpu"]["name"] == "NVIDIA H200"
     assert engine_mismatch(found, gpu=H200, trt_version=TRT, onnx_sha256=SHA) is None
 
 
 def _refusal(manifest: dict, gpu: GpuInfo = H200, trt: str = TRT) -> str:
     with pytest.raises(EngineMismatchError) as caught:
-        find_engine_record(manifest, fold=0, precision="fp16", gpu=gpu, trt_version=trt, bundle_path="/data/bundle")
+        find_engine_record(manifest["engines"], onnx_sha256=manifest["onnx"]["fold_0.fp16"]["sha256"], fold=0,
+                           precision="fp16", gpu=gpu, trt_version=trt, bundle_path="/data/bundle")
     message = str(caught.value)
     # one sentence that ends with the rebuild command
     assert message.endswith("rebuild it with `tucker-export build /data/bundle --precision fp16`.")
@@ -168,7 +169,7 @@ def test_the_explanation_prefers_the_engine_of_this_gpu_kind():
 
 def test_missing_engine_says_how_to_build_one():
     with pytest.raises(EngineError) as caught:
-        find_engine_record(_manifest(), fold=0, precision="fp16", gpu=H200, trt_version=TRT, bundle_path="b")
+        find_engine_record({}, onnx_sha256=SHA, fold=0, precision="fp16", gpu=H200, trt_version=TRT, bundle_path="b")
     assert not isinstance(caught.value, EngineMismatchError)
     assert str(caught.value) == (
         "Bundle b has no TensorRT engine for fold 0 fp16; build one with `tucker-export build b --precision fp16`."
@@ -185,7 +186,7 @@ def test_changed_engine_file_is_refused():
 def test_a_new_build_supersedes_older_engines_of_the_same_gpu_kind_only():
     old_trt, other_gpu, current = _record(H200, trt="10.3.0"), _record(A100), _record(H200)
     manifest = _manifest(old_trt, other_gpu, current)
-    assert superseded_records(manifest, fold=0, precision="fp16", gpu=H200, keep_key=current["key"]) == [old_trt["key"]]
+    assert superseded_records(manifest["engines"], fold=0, precision="fp16", gpu=H200, keep_key=current["key"]) == [old_trt["key"]]
 
 
 def test_rebuild_command():

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from factories import decomposed_demo_bundle
 
+from tucker_export.exporter.rebuild import build_network
+
 pytestmark = pytest.mark.slow
 openvino = pytest.importorskip("openvino")
 
@@ -57,7 +59,7 @@ def test_fp32_and_bf16_meet_their_bars_on_real_tiles(demo_tucker_bundle, trainin
 
     bundle = Bundle.load(bundle_path)
     tiles = tiles_from_scans(bundle, training_scans, 4, seed=7).array  # other tiles than the gate's
-    reference = torch_reference(bundle.build_network(0), tiles)
+    reference = torch_reference(build_network(bundle, 0), tiles)
     for result in results:
         with OpenVinoRunner(bundle_path / result.record["file"], precision=result.record["precision"]) as runner:
             out = np.concatenate([runner.infer(tiles[i:i + 2]) for i in range(0, 4, 2)])

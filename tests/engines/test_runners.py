@@ -17,6 +17,7 @@ from tucker_export.engines.runners import (
 )
 from tucker_export.errors import BackendUnavailableError, EngineError
 from tucker_export.exporter.onnx_export import seeded_input
+from tucker_export.exporter.rebuild import build_network
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def batch(exported_bundle) -> np.ndarray:
 
 def test_onnxruntime_and_torch_runners_agree_and_keep_the_input_kind(exported_bundle, batch):
     bundle = Bundle.load(exported_bundle)
-    with TorchRunner(bundle.build_network(0)) as torch_runner, OnnxRuntimeRunner(
+    with TorchRunner(build_network(bundle, 0)) as torch_runner, OnnxRuntimeRunner(
         bundle.artifact_path("onnx/fold_0.fp32.onnx"), intra_op_threads=1
     ) as ort_runner:
         reference = torch_runner.infer(batch)
@@ -66,7 +67,7 @@ def test_missing_onnx_file_is_named(tmp_path):
 
 
 def test_torch_runner_on_cpu_runs_fp32_like_nnunet(exported_bundle):
-    runner = TorchRunner(lambda: Bundle.load(exported_bundle).build_network(0), precision="fp16")
+    runner = TorchRunner(lambda: build_network(Bundle.load(exported_bundle), 0), precision="fp16")
     assert runner.precision == "fp32"
 
 

@@ -14,6 +14,7 @@ from tucker_export.errors import BundleError
 from tucker_export.exporter import decompose as decompose_module
 from tucker_export.exporter.decompose import decompose_model, decompose_network, format_summary, stage_of
 from tucker_export.exporter.ranks import RankPolicy
+from tucker_export.exporter.rebuild import build_network
 from tucker_export.exporter.tucker import TuckerConv
 
 from ._nets import load_network, model_folder, random_input
@@ -31,7 +32,7 @@ def test_bundle_round_trip_is_bit_exact(tmp_path, name):
     for fold in (0, 1):
         network, input_shape = load_network(model_dir, fold)
         decompose_network(network, input_shape, policy)
-        rebuilt = bundle.build_network(fold)
+        rebuilt = build_network(bundle, fold)
         assert any(isinstance(m, TuckerConv) for m in rebuilt.modules())
         expected_state = network.state_dict()
         assert rebuilt.state_dict().keys() == expected_state.keys()
@@ -82,7 +83,7 @@ def test_none_policy_writes_the_original_weights_and_reproduces_logits_exactly(t
     assert stored.keys() <= reference.keys()
     assert all(torch.equal(v, reference[k]) for k, v in stored.items())
     assert all(entry["action"] == "kept" and entry["reason"] == "rank mode none" for entry in bundle.fold_entry(0)["layers"])
-    rebuilt = bundle.build_network(0)
+    rebuilt = build_network(bundle, 0)
     x = random_input(input_shape)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), original(x))
@@ -94,7 +95,7 @@ def test_existing_bundle_is_refused_without_overwrite_and_kept_when_decompose_fa
     target = tmp_path / "bundle"
     decompose_model(model_dir, target, progress=False)
     before = {p.name: p.read_bytes() for p in target.rglob("*") if p.is_file()}
-    with pytest.raises(BundleError, match="not empty; pass --overwrite"):
+    with pytest.raises(BundleError, match="not empty; replace it on purpose; use overwrite=True"):
         decompose_model(model_dir, target, progress=False)
 
     def broken(*args, **kwargs):
@@ -139,7 +140,7 @@ def test_hooi_iterations_are_recorded_and_do_not_worsen_any_layer(tmp_path):
         assert b["relative_error"] <= a["relative_error"] + 1e-9
     x = random_input((1, 16, 16))
     with torch.no_grad():
-        assert hooi.build_network(0)(x).shape == (1, 4, 16, 16)
+        assert build_network(hooi, 0)(x).shape == (1, 4, 16, 16)
 
 
 def test_the_thread_setting_is_scoped_to_the_decomposition(tmp_path, monkeypatch):

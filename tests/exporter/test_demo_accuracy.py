@@ -13,6 +13,8 @@ import math
 import numpy as np
 import pytest
 
+from tucker_export.exporter.rebuild import build_network
+
 pytestmark = pytest.mark.slow
 
 MIN_MEAN_DICE = 0.95
@@ -57,7 +59,7 @@ def test_rank_factor_03_keeps_mean_dice_against_the_undecomposed_model(demo, tmp
 
     bundle = decompose_model(demo.model_dir, tmp_path / "bundle", policy=RankPolicy(factor=0.3), progress=False)
     folds = bundle.folds
-    decomposed = [bundle.build_network(fold) for fold in folds]
+    decomposed = [build_network(bundle, fold) for fold in folds]
     reference_structure = [(e["name"], e["ranks"]) for e in bundle.fold_entry(folds[0])["layers"]]
     assert all([(e["name"], e["ranks"]) for e in bundle.fold_entry(f)["layers"]] == reference_structure for f in folds)
     totals = bundle.fold_entry(folds[0])["totals"]

@@ -271,7 +271,7 @@ def test_export_bundle_collects_every_failure_then_raises_once(factory_bundles, 
     [
         ({"precisions": ("fp8",)}, "Precision fp8 is not supported"),
         ({"opset": 9}, "Opset 9 is outside"),
-        ({"max_batch": 0}, "--max-batch must be at least 1"),
+        ({"max_batch": 0}, "largest exported batch must be at least 1"),
         ({"folds": [7]}, "has no fold 7"),
     ],
 )

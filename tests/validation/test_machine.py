@@ -30,3 +30,25 @@ def test_every_benchmark_json_carries_the_machine_and_its_load(tmp_path, monkeyp
     load = saved["machine_load"]
     assert {"loadavg_1min_start", "loadavg_1min_end", "cores", "quiet"} <= set(load)
     assert line.endswith(f"wrote {tmp_path / 'results' / 'x.json'}") and ("quiet" in line)
+
+
+def test_descendants_never_waited_for_count_as_the_benchmarks_own_cpu():
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    watch = MachineWatch(count_descendants=True)
+    # A child that burns 0.5 s of CPU and is left unreaped (a zombie keeps its CPU times), like Ray's daemons.
+    burner = "import time\nwhile time.process_time() < 0.5: pass\n"
+    child = subprocess.Popen([sys.executable, "-c", burner])
+    stat = Path(f"/proc/{child.pid}/stat")
+    for _ in range(600):  # until it has exited (state Z) and the 0.2 s sampler has seen it since
+        if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            break
+        time.sleep(0.05)
+    time.sleep(0.6)
+    seen = watch._descendants.cpu_by_pid.get(child.pid, 0.0)
+    verdict = watch.verdict()
+    child.wait()
+    assert seen >= 0.45 and verdict["wall_s"] is not None

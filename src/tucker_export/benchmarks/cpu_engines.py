@@ -55,6 +55,7 @@ def _rows(original: torch.nn.Module, tucker: torch.nn.Module, patch: tuple[int, 
     """Per row, an opener returning (run, close): one engine is open at a time, so 128^3 fits in memory."""
     from tucker_export.engines import openvino_backend as ovb
     from tucker_export.engines.runners import OnnxRuntimeRunner
+    from tucker_export.runtimes import torch_callable
 
     x = np.random.default_rng(0).standard_normal((1, 1, *patch), dtype=np.float32)
     xt = torch.from_numpy(x)
@@ -62,16 +63,12 @@ def _rows(original: torch.nn.Module, tucker: torch.nn.Module, patch: tuple[int, 
     rows: dict[str, Opener] = {}
     for name, network in (("original", original), ("tucker", tucker)):
         def torch_fp32(net: torch.nn.Module = network) -> tuple[Callable[[], object], Callable[[], None]]:
-            def run() -> object:
-                with torch.inference_mode():
-                    return net(xt)
-            return run, lambda: None
+            forward = torch_callable(net)
+            return (lambda: forward(xt)), lambda: None
 
         def torch_bf16(net: torch.nn.Module = network) -> tuple[Callable[[], object], Callable[[], None]]:
-            def run() -> object:
-                with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-                    return net(xt)
-            return run, lambda: None
+            forward = torch_callable(net, autocast=torch.bfloat16)
+            return (lambda: forward(xt)), lambda: None
 
         onnx_path = _onnx(network, patch, work / f"{name}-{patch[0]}.onnx")
 
@@ -118,9 +115,9 @@ def _interleaved(rows: dict[str, Opener], repeats: int, calls: int = 2) -> dict[
 
 
 def main() -> int:
-    from tucker_export.engines.runners import physical_cores
     from tucker_export.exporter.decompose import decompose_network
     from tucker_export.exporter.ranks import RankPolicy
+    from tucker_export.runtimes import physical_cores
     from tucker_export.validation.machine import MachineWatch, environment, write_benchmark_json
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -50,6 +50,7 @@ import torch
 
 from tucker_export.benchmarks.networks import build_totalsegmentator_network
 from tucker_export.benchmarks.paths import RESULTS
+from tucker_export.runtimes import torch_callable
 
 if TYPE_CHECKING:
     from tucker_export.exporter.ranks import RankPolicy
@@ -75,23 +76,15 @@ def timed(run: Callable[[], object], warmup: int, repeats: int) -> dict[str, flo
 
 
 def ort_session(path: Path, *, threads: int, level: str = "all", sequential: bool = True, optimized_out: Path | None = None):
-    import onnxruntime as ort
+    """A session opened the way ``infer --backend ort`` opens one (``runtimes.ort_session``), with one setting varied."""
+    from tucker_export.runtimes import ort_session as open_session
+    from tucker_export.runtimes import ort_session_options
 
-    levels = {
-        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }
-    options = ort.SessionOptions()
-    options.graph_optimization_level = levels[level]
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL if sequential else ort.ExecutionMode.ORT_PARALLEL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1 if sequential else threads
-    options.log_severity_level = 3
-    if optimized_out is not None:
-        options.optimized_model_filepath = str(optimized_out)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    options = ort_session_options(
+        graph_optimization=level, threads=threads, sequential=sequential,
+        inter_op_threads=None if sequential else threads, optimized_model_path=optimized_out,
+    )
+    return open_session(path, options=options)
 
 
 def export(network: torch.nn.Module, patch: tuple[int, ...], path: Path, *, fuse: bool = True) -> None:
@@ -163,11 +156,8 @@ def _results_header(policy: RankPolicy, threads: int, warmup: int) -> dict[str, 
 
 
 def _torch_run(net: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
-    def run() -> object:
-        with torch.inference_mode():
-            return net(x)
-
-    return run
+    forward = torch_callable(net)
+    return lambda: forward(x)
 
 
 def _measure_patch(original: torch.nn.Module, tucker: torch.nn.Module, edge: int, n: int, setup: BenchSetup) -> dict:
@@ -191,8 +181,7 @@ def _measure_patch(original: torch.nn.Module, tucker: torch.nn.Module, edge: int
         export(net, patch, path)
         session = ort_session(path, threads=setup.threads)
         out = session.run(None, {"input": x_np})[0]
-        with torch.inference_mode():
-            reference = net(x).numpy()
+        reference = torch_callable(net)(x).numpy()
         entry[f"ort_{name}"] = timed(lambda s=session, x_np=x_np: s.run(None, {"input": x_np}), setup.warmup, n)
         entry[f"ort_{name}"]["max_abs_diff_vs_torch"] = float(np.abs(out - reference).max())
         print(f"  ORT {name:<14} {entry[f'ort_{name}']['median_s']:.3f} s", flush=True)
@@ -281,7 +270,7 @@ def _print_tables(results: dict[str, object], rows: list[tuple[int, dict]]) -> N
 
 
 def main() -> int:
-    from tucker_export.engines.runners import physical_cores
+    from tucker_export.runtimes import physical_cores
 
     args = _parse_args()
     repeats = dict(zip(args.patches, args.repeats + [args.repeats[-1]] * len(args.patches)))

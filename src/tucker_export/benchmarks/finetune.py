@@ -81,9 +81,9 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 
 def main() -> int:
     from tucker_export.demo import ensure_demo_model
-    from tucker_export.exporter.decompose import decompose_model
     from tucker_export.exporter.ranks import RankPolicy
     from tucker_export.finetune import FinetuneSettings, finetune_bundle
+    from tucker_export.pipeline import prepare_bundle
     from tucker_export.validation.machine import MachineWatch, environment, write_benchmark_json
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,8 +102,7 @@ def main() -> int:
                                "minutes_per_factor": args.minutes, "rows": {}}
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
         for factor in args.factors:
-            bundle = decompose_model(demo.model_dir, Path(tmp) / f"bundle-{factor}", policy=RankPolicy(factor=factor),
-                                     progress=False)
+            bundle = prepare_bundle(demo.model_dir, Path(tmp) / f"bundle-{factor}", policy=RankPolicy(factor=factor)).bundle
             before = _validate(bundle.path, demo)
             settings = FinetuneSettings(steps=args.steps, lr=args.lr, train_tiles=args.tiles,
                                         max_minutes=args.minutes / len(bundle.folds))

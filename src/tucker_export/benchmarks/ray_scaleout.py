@@ -51,67 +51,10 @@ def _make_cases(folder: Path, count: int) -> None:
 
 
 def _make_bundle(work: Path, model_dir: Path) -> Path:
-    from tucker_export.exporter.decompose import decompose_model
-    from tucker_export.exporter.onnx_export import export_bundle
     from tucker_export.exporter.ranks import RankPolicy
+    from tucker_export.pipeline import prepare_bundle
 
-    bundle = decompose_model(model_dir, work / "bundle", policy=RankPolicy(factor=0.3), progress=False)
-    export_bundle(bundle, precisions=("fp32",), progress=False)
-    return bundle.path
-
-
-class _TreeWatch:
-    """The load verdict with every process of this benchmark's tree counted as its own.
-
-    Ray's daemons (GCS, raylet, actor processes) are started by each `infer --ray` process but are
-    not all waited for by it, so their CPU time never reaches this process's RUSAGE_CHILDREN and
-    MachineWatch would call it "other processes". A thread samples /proc every 0.2 s and keeps the
-    last CPU time seen of each descendant; the verdict subtracts that from the machine's busy time.
-    """
-
-    def __init__(self) -> None:
-        import threading
-
-        from tucker_export.validation.machine import MachineWatch
-
-        self._watch = MachineWatch()
-        self._cpu_by_pid: dict[int, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        tick = os.sysconf("SC_CLK_TCK")
-        while not self._stop.wait(0.2):
-            parents: dict[int, int] = {}
-            cpu: dict[int, float] = {}
-            for stat in Path("/proc").glob("[0-9]*/stat"):
-                try:
-                    fields = stat.read_text().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                pid = int(stat.parent.name)
-                parents[pid] = int(fields[1])
-                cpu[pid] = (int(fields[11]) + int(fields[12])) / tick
-            me = os.getpid()
-            for pid in cpu:
-                ancestor, hops = parents.get(pid), 0
-                while ancestor not in (None, 0, 1, me) and hops < 64:
-                    ancestor, hops = parents.get(ancestor), hops + 1
-                if ancestor == me:
-                    self._cpu_by_pid[pid] = cpu[pid]
-
-    def verdict(self) -> dict[str, Any]:
-        from tucker_export.validation.machine import _busy_cpu_seconds, _loadavg, quiet_verdict
-
-        self._stop.set()
-        self._thread.join()
-        watch = self._watch
-        wall = time.perf_counter() - watch.wall_start
-        own = sum(self._cpu_by_pid.values()) + sum(os.times()[:2]) - watch.own_start
-        busy_end = _busy_cpu_seconds()
-        others = None if busy_end is None or watch.busy_start is None else max(0.0, busy_end - watch.busy_start - own)
-        return quiet_verdict(watch.load_start, _loadavg(), others_cpu_s=others, wall_s=wall)
+    return prepare_bundle(model_dir, work / "bundle", policy=RankPolicy(factor=0.3), precisions=("fp32",)).bundle.path
 
 
 def _run_mode(mode: str, scans: Path, out: Path, bundle: Path, backend: str, precision: str) -> dict[str, Any]:
@@ -137,7 +80,7 @@ def _voxels(folder: Path) -> dict[str, np.ndarray]:
 
 def main() -> int:
     from tucker_export.demo import ensure_demo_model
-    from tucker_export.validation.machine import write_benchmark_json
+    from tucker_export.validation.machine import MachineWatch, write_benchmark_json
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=8)
@@ -152,7 +95,7 @@ def main() -> int:
     scans = work / "scans"
     _make_cases(scans, args.cases)
     bundle = _make_bundle(work, model.model_dir)
-    watch = _TreeWatch()  # set-up above is not part of the measurement
+    watch = MachineWatch(count_descendants=True)  # set-up above is not part of the measurement
     runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
     for round_index in range(args.rounds):
         for mode in MODES:

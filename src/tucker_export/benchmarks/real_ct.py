@@ -101,14 +101,12 @@ def _dice_per_class(reference_dir: Path, candidate_dir: Path) -> dict[str, float
 
 
 def _prepare_bundle(model, work: Path, rank_factor: float) -> Path:
-    from tucker_export.exporter.decompose import decompose_model
-    from tucker_export.exporter.onnx_export import export_bundle
     from tucker_export.exporter.ranks import RankPolicy
+    from tucker_export.pipeline import prepare_bundle
 
-    bundle = decompose_model(model.model_dir, work / "bundle-tucker", policy=RankPolicy(mode="relative", factor=rank_factor),
-                             overwrite=True, progress=False, folds=[0])
-    export_bundle(bundle, precisions=("fp32",), progress=False)
-    return bundle.path
+    prepared = prepare_bundle(model.model_dir, work / "bundle-tucker", policy=RankPolicy(mode="relative", factor=rank_factor),
+                              folds=[0], precisions=("fp32",))
+    return prepared.bundle.path
 
 
 def _input_sets(model, work: Path, names: list[str], n_cases: int) -> dict[str, Path]:

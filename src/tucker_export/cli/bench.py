@@ -98,12 +98,7 @@ def bench_command(
 
     progress = show_progress(ctx)
     is_sweep = sweep is not None or demo
-    if bundle is not None and is_sweep:
-        raise ConfigurationError(
-            f"Give either BUNDLE ({bundle}) to bench one bundle or --sweep-rank-factor/--demo for a sweep, not both."
-        )
-    if bundle is None and not is_sweep:
-        raise ConfigurationError("Give a BUNDLE to bench, or --sweep-rank-factor with -m MODEL_DIR (or --demo) for a sweep.")
+    _check_form(bundle, is_sweep)
     sizes = parse_batch_sizes(batch_sizes) if batch_sizes is not None else None
 
     if not is_sweep:
@@ -118,38 +113,48 @@ def bench_command(
         return
 
     _refuse({"--json": json_path}, "to one bundle (the sweep writes OUT_DIR/NAME.json)")
-    factors = parse_rank_factors(sweep) if sweep is not None else None
-    chosen_backends = split_list(backends) or ["ort"]
-    chosen_precisions = split_list(precisions) or ["fp32"]
-    if len(chosen_backends) != 1:
-        raise ConfigurationError(f"A sweep compares one backend, got {', '.join(chosen_backends)}.")
-    if len(chosen_precisions) != 1:
-        raise ConfigurationError(f"A sweep runs one precision, got {', '.join(chosen_precisions)}.")
+    _bench_sweep(parse_rank_factors(sweep) if sweep is not None else None, backends=split_list(backends) or ["ort"],
+                 precisions=split_list(precisions) or ["fp32"], batch_sizes=sizes or (1,), repeats=repeats,
+                 warmup=warmup, input_path=input_path, tta=bool(tta), step_size=step_size, device=device,
+                 folds=split_list(folds) or None, model_dir=model_dir, labels_dir=labels_dir, demo=demo,
+                 out_dir=out_dir, name=name, work_dir=work_dir, round_to=round_to, case_repeats=case_repeats or 1,
+                 sequential=sequential, progress=progress)
+
+
+def _check_form(bundle: Path | None, is_sweep: bool) -> None:
+    """Exactly one of the two forms: a BUNDLE, or a sweep."""
+    if bundle is not None and is_sweep:
+        raise ConfigurationError(
+            f"Give either BUNDLE ({bundle}) to bench one bundle or --sweep-rank-factor/--demo for a sweep, not both."
+        )
+    if bundle is None and not is_sweep:
+        raise ConfigurationError("Give a BUNDLE to bench, or --sweep-rank-factor with -m MODEL_DIR (or --demo) for a sweep.")
+
+
+def _bench_sweep(
+    factors: tuple[float, ...] | None, *, backends: list[str], precisions: list[str], batch_sizes: tuple[int, ...],
+    repeats: int, warmup: int, input_path: Path | None, tta: bool, step_size: float, device: str,
+    folds: list[str] | None, model_dir: Path | None, labels_dir: Path | None, demo: bool, out_dir: Path | None,
+    name: str, work_dir: Path | None, round_to: int, case_repeats: int, sequential: bool, progress: bool,
+) -> None:
+    if len(backends) != 1:
+        raise ConfigurationError(f"A sweep compares one backend, got {', '.join(backends)}.")
+    if len(precisions) != 1:
+        raise ConfigurationError(f"A sweep runs one precision, got {', '.join(precisions)}.")
     if out_dir is None:
         raise ConfigurationError("A sweep needs --out-dir DIR for its JSON and PNG.")
-    if demo:
-        _refuse({"-m/--model": model_dir, "-i/--input": input_path, "--labels": labels_dir},
-                "without --demo (the demo brings its own model, images and labels)")
-        from tucker_export.demo import ensure_demo_model
-
-        model = ensure_demo_model(progress=progress)
-        model_dir, input_path, labels_dir = model.model_dir, model.test_images_dir, model.test_labels_dir
-        title_model = f"demo model ({model.dataset_name}, folds {', '.join(map(str, model.folds))})"
-    else:
-        if model_dir is None:
-            raise ConfigurationError("A sweep needs the original model: -m MODEL_DIR (or --demo).")
-        if input_path is None:
-            raise ConfigurationError("A sweep needs images to segment and compare: -i IMAGES (or --demo).")
-        title_model = None
+    model_dir, input_path, labels_dir, title_model = _sweep_sources(
+        demo, model_dir=model_dir, input_path=input_path, labels_dir=labels_dir, progress=progress
+    )
     from tucker_export.validation.sweep import SWEEP_FACTORS, sweep_rank_factors, work_folder
     from tucker_export.validation.sweep_report import format_sweep_table, write_sweep_outputs
 
     with work_folder(work_dir) as folder:
         report = sweep_rank_factors(
             model_dir, factors or SWEEP_FACTORS, work_dir=folder, images_dir=input_path, labels_dir=labels_dir,
-            backend=chosen_backends[0], precision=chosen_precisions[0], folds=split_list(folds) or None,
-            use_mirroring=bool(tta), step_size=step_size, device=device, batch_sizes=sizes or (1,), warmup=warmup,
-            repeats=repeats, interleave=not sequential, round_to=round_to, case_repeats=case_repeats or 1,
+            backend=backends[0], precision=precisions[0], folds=folds,
+            use_mirroring=tta, step_size=step_size, device=device, batch_sizes=batch_sizes, warmup=warmup,
+            repeats=repeats, interleave=not sequential, round_to=round_to, case_repeats=case_repeats,
             progress=progress,
         )
     title = None
@@ -161,6 +166,25 @@ def bench_command(
     json_file, png_file = write_sweep_outputs(report, out_dir, name, title=title)
     click.echo(format_sweep_table(report))
     click.echo(f"\nwrote {json_file} and {png_file}")
+
+
+def _sweep_sources(
+    demo: bool, *, model_dir: Path | None, input_path: Path | None, labels_dir: Path | None, progress: bool
+) -> tuple[Path, Path, Path | None, str | None]:
+    """The sweep's model, images and labels, and for the demo the model's name in the plot title."""
+    if demo:
+        _refuse({"-m/--model": model_dir, "-i/--input": input_path, "--labels": labels_dir},
+                "without --demo (the demo brings its own model, images and labels)")
+        from tucker_export.demo import ensure_demo_model
+
+        model = ensure_demo_model(progress=progress)
+        title_model = f"demo model ({model.dataset_name}, folds {', '.join(map(str, model.folds))})"
+        return model.model_dir, model.test_images_dir, model.test_labels_dir, title_model
+    if model_dir is None:
+        raise ConfigurationError("A sweep needs the original model: -m MODEL_DIR (or --demo).")
+    if input_path is None:
+        raise ConfigurationError("A sweep needs images to segment and compare: -i IMAGES (or --demo).")
+    return model_dir, input_path, labels_dir, None
 
 
 def _bench_one(bundle: Path, *, backends: list[str], precisions: list[str], batch_sizes: tuple[int, ...], repeats: int,

@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -148,6 +149,16 @@ def _available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+@dataclass
+class _Trained:
+    """What the stages of a build hand to its report."""
+
+    plan_summary: dict[str, Any]
+    dice: dict[str, float]
+    per_case: dict[str, dict[str, float]]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
 def _build(root: Path, *, progress: bool) -> None:
     """Build the complete demo into ``root`` (which must not exist yet)."""
     started = time.monotonic()
@@ -176,41 +187,55 @@ def _build(root: Path, *, progress: bool) -> None:
     iterations_per_fold = trainer_cls.DEMO_NUM_EPOCHS * trainer_cls.DEMO_ITERATIONS_PER_EPOCH
     # Progress units: 1 per case written, 3 planning/preprocessing steps, the training iterations, 1 per test case.
     total = NUM_TRAINING_CASES + NUM_TEST_CASES + 3 + iterations_per_fold * len(FOLDS) + NUM_TEST_CASES
-    timings: dict[str, float] = {}
 
     with _console_to(log_file) as console, _environment(env), _torch_threads(n_cpu):
         bar = _Progress(progress, total, console)
-        try:
-            t = time.monotonic()
-            bar.stage("generating phantoms")
-            _write_dataset(raw / DATASET_NAME, root / "test", bar)
-            timings["phantoms"] = time.monotonic() - t
+        trained = _train_and_evaluate(root, raw, preprocessed, n_cpu, trainer_cls, bar)
 
-            t = time.monotonic()
-            bar.stage("nnU-Net fingerprint + planning")
-            plan_summary = _plan(raw, preprocessed, n_cpu, bar)
-            bar.stage("nnU-Net preprocessing")
-            _preprocess(n_cpu)
-            bar.update()
-            timings["plan_and_preprocess"] = time.monotonic() - t
+    _drop_regenerable(root)
+    trained.timings["total"] = time.monotonic() - started
+    _write_report(root, trained, trainer_cls, n_cpu)
 
-            # In-process single-threaded augmentation: the demo's (mirror-only) augmentation and
-            # loading take a few percent of an iteration, and on two cores a background augmenter
-            # process would only compete with torch's threads for the same cores.
-            with _environment({"nnUNet_n_proc_DA": "0"}):
-                for fold in FOLDS:
-                    t = time.monotonic()
-                    bar.stage(f"training fold {fold}")
-                    _train_fold(trainer_cls, fold, bar)
-                    timings[f"train_fold_{fold}"] = time.monotonic() - t
 
-            t = time.monotonic()
-            bar.stage("held-out Dice")
-            dice, per_case = _evaluate(_model_dir(root), root / "test", bar)
-            timings["evaluate"] = time.monotonic() - t
-        finally:
-            bar.close()
+def _train_and_evaluate(
+    root: Path, raw: Path, preprocessed: Path, n_cpu: int, trainer_cls: Any, bar: _Progress
+) -> _Trained:
+    """Data set, plans and preprocessing, every fold's training, then the held-out Dice; each stage timed."""
+    timings: dict[str, float] = {}
+    try:
+        t = time.monotonic()
+        bar.stage("generating phantoms")
+        _write_dataset(raw / DATASET_NAME, root / "test", bar)
+        timings["phantoms"] = time.monotonic() - t
 
+        t = time.monotonic()
+        bar.stage("nnU-Net fingerprint + planning")
+        plan_summary = _plan(raw, preprocessed, n_cpu, bar)
+        bar.stage("nnU-Net preprocessing")
+        _preprocess(n_cpu)
+        bar.update()
+        timings["plan_and_preprocess"] = time.monotonic() - t
+
+        # In-process single-threaded augmentation: the demo's (mirror-only) augmentation and
+        # loading take a few percent of an iteration, and on two cores a background augmenter
+        # process would only compete with torch's threads for the same cores.
+        with _environment({"nnUNet_n_proc_DA": "0"}):
+            for fold in FOLDS:
+                t = time.monotonic()
+                bar.stage(f"training fold {fold}")
+                _train_fold(trainer_cls, fold, bar)
+                timings[f"train_fold_{fold}"] = time.monotonic() - t
+
+        t = time.monotonic()
+        bar.stage("held-out Dice")
+        dice, per_case = _evaluate(_model_dir(root), root / "test", bar)
+        timings["evaluate"] = time.monotonic() - t
+    finally:
+        bar.close()
+    return _Trained(plan_summary, dice, per_case, timings)
+
+
+def _drop_regenerable(root: Path) -> None:
     # Training data and preprocessed arrays can be regenerated from the seeds; drop them from the cache.
     shutil.rmtree(root / "work", ignore_errors=True)
     model_dir = _model_dir(root)
@@ -219,11 +244,14 @@ def _build(root: Path, *, progress: bool) -> None:
         with contextlib.suppress(FileNotFoundError):
             (model_dir / f"fold_{fold}" / "checkpoint_best.pth").unlink()
 
-    timings["total"] = time.monotonic() - started
+
+def _write_report(root: Path, trained: _Trained, trainer_cls: Any, n_cpu: int) -> None:
+    """Log the held-out Dice and write ``demo_report.json``."""
+    dice = trained.dice
     mean = sum(dice.values()) / len(dice)
     logger.info(
         "Demo model trained in %.0f s; held-out Dice %s (mean %.3f)",
-        timings["total"],
+        trained.timings["total"],
         ", ".join(f"{k} {v:.3f}" for k, v in dice.items()),
         mean,
     )
@@ -242,8 +270,8 @@ def _build(root: Path, *, progress: bool) -> None:
             "label_names": {str(k): v for k, v in LABEL_NAMES.items()},
             "dice_per_structure": dice,
             "mean_dice": mean,
-            "dice_per_case": per_case,
-            "network": plan_summary,
+            "dice_per_case": trained.per_case,
+            "network": trained.plan_summary,
             "schedule": {
                 "epochs": trainer_cls.DEMO_NUM_EPOCHS,
                 "iterations_per_epoch": trainer_cls.DEMO_ITERATIONS_PER_EPOCH,
@@ -251,7 +279,7 @@ def _build(root: Path, *, progress: bool) -> None:
             },
             "num_training_cases": NUM_TRAINING_CASES,
             "num_test_cases": NUM_TEST_CASES,
-            "timings_s": {k: round(v, 1) for k, v in timings.items()},
+            "timings_s": {k: round(v, 1) for k, v in trained.timings.items()},
             "cpu_threads": n_cpu,
             "versions": {
                 "nnunetv2": getattr(nnunetv2, "__version__", _dist_version("nnunetv2")),

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tucker_export._io import sha256_file, write_bytes_atomic
-from tucker_export.bundle import onnx_key, stale_onnx_reason
+from tucker_export.bundle import onnx_key
 from tucker_export.engines.keys import (
     ENGINES_SECTION,
-    ONNX_SECTION,
     BatchProfile,
     GpuInfo,
     cuda_devices,
@@ -60,16 +59,15 @@ class BuildJob:
     workspace_gib: float
 
 
-def available_precisions(manifest: dict[str, Any]) -> tuple[str, ...]:
+def available_precisions(bundle: Bundle) -> tuple[str, ...]:
     """Precisions that have an ONNX export in the bundle, fp32 first."""
-    present = {entry.get("precision") for entry in manifest.get(ONNX_SECTION, {}).values()}
+    present = {entry.get("precision") for entry in bundle.onnx_entries().values()}
     return tuple(p for p in ("fp32", "fp16") if p in present)
 
 
 def plan_builds(
-    manifest: dict[str, Any],
+    bundle: Bundle,
     *,
-    bundle_path: Any,
     folds: Sequence[Fold],
     precisions: Sequence[str],
     gpus: Sequence[GpuInfo],
@@ -82,7 +80,9 @@ def plan_builds(
     Every problem is collected and raised once (BundleError), each naming the fix.
     """
     if workspace_gib <= 0:
-        raise ConfigurationError(f"--workspace must be a positive number of GiB, got {workspace_gib}.")
+        raise ConfigurationError(
+            f"The builder workspace must be a positive number of GiB, got {workspace_gib}.", option="workspace_gib"
+        )
     if not gpus:
         raise ConfigurationError("No GPU selected for the build.")
     problems: list[str] = []
@@ -90,19 +90,19 @@ def plan_builds(
     for fold in folds:
         for precision in precisions:
             key = onnx_key(fold, precision)
-            entry = manifest.get(ONNX_SECTION, {}).get(key)
+            entry = bundle.onnx_entries().get(key)
             if entry is None:
-                problems.append(f"no ONNX export {key} (run `{export_command(bundle_path, precision)}`)")
+                problems.append(f"no ONNX export {key} (run `{export_command(bundle.path, precision)}`)")
                 continue
-            stale = stale_onnx_reason(manifest, fold, entry)
+            stale = bundle.stale_onnx_reason(fold, entry)
             if stale is not None:
-                problems.append(f"ONNX export {key} {stale} (run `{export_command(bundle_path, precision)}`)")
+                problems.append(f"ONNX export {key} {stale} (run `{export_command(bundle.path, precision)}`)")
                 continue
             shape = entry.get("input", {}).get("shape", [])
             if len(shape) < 3 or not isinstance(shape[0], str) or not all(isinstance(d, int) for d in shape[1:]):
                 problems.append(
                     f"ONNX export {key} has input shape {shape}, not (batch, C, *patch) with a dynamic batch axis "
-                    f"(re-run `{export_command(bundle_path, precision)}`)"
+                    f"(re-run `{export_command(bundle.path, precision)}`)"
                 )
                 continue
             profile = batch_profile or BatchProfile.default_for(int(entry.get("max_batch", 1)))
@@ -125,7 +125,7 @@ def plan_builds(
                     )
                 )
     if problems:
-        raise BundleError(f"Bundle {bundle_path} cannot be built: {'; '.join(problems)}.")
+        raise BundleError(f"Bundle {bundle.path} cannot be built: {'; '.join(problems)}.")
     return jobs
 
 
@@ -140,6 +140,98 @@ def require_tensorrt_and_cuda() -> tuple[str, list[GpuInfo]]:
             f"TensorRT {trt.__version__} is installed but no CUDA GPU is visible, so no engine can be built here."
         )
     return str(trt.__version__), devices
+
+
+def _plan_requested_builds(
+    bundle: Bundle,
+    *,
+    precisions: Sequence[str] | None,
+    gpus: str,
+    devices: list[GpuInfo],
+    batch_profile: BatchProfile | str | None,
+    workspace_gib: float,
+    folds: Sequence[Fold] | None,
+    trt_version: str,
+) -> list[BuildJob]:
+    """``build_engines``' arguments as parsed selections, handed to ``plan_builds``."""
+    from tucker_export.exporter.onnx_export import normalize_precisions
+
+    if isinstance(batch_profile, str):
+        batch_profile = BatchProfile.parse(batch_profile)
+    selected_precisions = normalize_precisions(precisions) if precisions else available_precisions(bundle)
+    if not selected_precisions:
+        raise BundleError(
+            f"Bundle {bundle.path} has no ONNX export to build from; run `{export_command(bundle.path, 'fp16')}` first."
+        )
+    selected_gpus = parse_gpu_selection(gpus, devices)
+    return plan_builds(
+        bundle,
+        folds=bundle.resolve_folds(list(folds) if folds else None),
+        precisions=selected_precisions,
+        gpus=selected_gpus,
+        trt_version=trt_version,
+        batch_profile=batch_profile,
+        workspace_gib=workspace_gib,
+    )
+
+
+def _remove_superseded_engines(bundle: Bundle, job: BuildJob, engine_path: Path) -> None:
+    """Drop the records (and files) of older engines for the same fold, precision and GPU kind as ``job``.
+
+    An older record may point at the path just written (another key, the same file), and that file must stay.
+    """
+    for old_key in superseded_records(bundle.engine_records(), fold=job.fold, precision=job.precision, gpu=job.gpu, keep_key=job.key):
+        old = bundle.engine_records(ENGINES_SECTION)[old_key]
+        old_path = bundle.artifact_path(old.get("file", ""))
+        if old.get("file") and old_path.is_file() and old_path != engine_path:
+            old_path.unlink()
+        bundle.remove_record(ENGINES_SECTION, old_key)
+        logger.info("Replaced engine %s", old_key)
+
+
+def _build_and_record_engine(bundle: Bundle, job: BuildJob, trt_version: str) -> dict[str, Any]:
+    """Build ``job``'s engine with TensorRT, write it and the updated timing cache, and record it; the record."""
+    from tucker_export.bundle import utc_now
+    from tucker_export.engines.tensorrt_backend import build_serialized_engine
+
+    onnx_path = bundle.verify_file(job.onnx_file, job.onnx_sha256)
+    cache_path = bundle.artifact_path(job.timing_cache_file)
+    logger.info("Building %s on GPU %d (%s), batch %s", job.key, job.gpu.index, job.gpu.name, job.profile)
+    built = build_serialized_engine(
+        onnx_path,
+        precision=job.precision,
+        input_name=job.input_name,
+        sample_shape=job.sample_shape,
+        profile=job.profile,
+        workspace_gib=job.workspace_gib,
+        timing_cache=cache_path.read_bytes() if cache_path.is_file() else None,
+        device_index=job.gpu.index,
+    )
+    engine_path = bundle.artifact_path(job.engine_file)
+    write_bytes_atomic(engine_path, built.engine)
+    write_bytes_atomic(cache_path, built.timing_cache)
+    record = engine_record(
+        key=job.key,
+        fold=job.fold,
+        precision=job.precision,
+        gpu=job.gpu,
+        trt_version=trt_version,
+        trt_api=built.api.to_dict(),
+        onnx_key=job.onnx_key,
+        onnx_entry=bundle.onnx_entries()[job.onnx_key],
+        engine_file=job.engine_file,
+        engine_sha256=sha256_file(engine_path),
+        size_bytes=len(built.engine),
+        profile=job.profile,
+        workspace_gib=job.workspace_gib,
+        tf32=built.settings.tf32,
+        timing_cache_file=job.timing_cache_file,
+        build_seconds=built.seconds,
+        built=utc_now(),
+    )
+    _remove_superseded_engines(bundle, job, engine_path)
+    bundle.record(ENGINES_SECTION, job.key, record)
+    return record
 
 
 def build_engines(
@@ -160,78 +252,25 @@ def build_engines(
     """
     from tqdm.auto import tqdm
 
-    from tucker_export.bundle import Bundle, utc_now
-    from tucker_export.engines.tensorrt_backend import build_serialized_engine
-    from tucker_export.exporter.onnx_export import normalize_precisions
+    from tucker_export.bundle import Bundle
 
     # Without TensorRT or a GPU nothing below can happen: say so before reading anything else.
     trt_version, devices = require_tensorrt_and_cuda()
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-    if isinstance(batch_profile, str):
-        batch_profile = BatchProfile.parse(batch_profile)
-    selected_precisions = normalize_precisions(precisions) if precisions else available_precisions(bundle.manifest)
-    if not selected_precisions:
-        raise BundleError(
-            f"Bundle {bundle.path} has no ONNX export to build from; run `{export_command(bundle.path, 'fp16')}` first."
-        )
-    selected_gpus = parse_gpu_selection(gpus, devices)
-    jobs = plan_builds(
-        bundle.manifest,
-        bundle_path=bundle.path,
-        folds=bundle.resolve_folds(list(folds) if folds else None),
-        precisions=selected_precisions,
-        gpus=selected_gpus,
-        trt_version=trt_version,
+    jobs = _plan_requested_builds(
+        bundle,
+        precisions=precisions,
+        gpus=gpus,
+        devices=devices,
         batch_profile=batch_profile,
         workspace_gib=workspace_gib,
+        folds=folds,
+        trt_version=trt_version,
     )
-    records: list[dict[str, Any]] = []
-    for job in tqdm(jobs, desc="build", unit="engine", disable=not progress):
-        onnx_path = bundle.verify_file(job.onnx_file, job.onnx_sha256)
-        cache_path = bundle.artifact_path(job.timing_cache_file)
-        logger.info("Building %s on GPU %d (%s), batch %s", job.key, job.gpu.index, job.gpu.name, job.profile)
-        built = build_serialized_engine(
-            onnx_path,
-            precision=job.precision,
-            input_name=job.input_name,
-            sample_shape=job.sample_shape,
-            profile=job.profile,
-            workspace_gib=job.workspace_gib,
-            timing_cache=cache_path.read_bytes() if cache_path.is_file() else None,
-            device_index=job.gpu.index,
-        )
-        engine_path = bundle.artifact_path(job.engine_file)
-        write_bytes_atomic(engine_path, built.engine)
-        write_bytes_atomic(cache_path, built.timing_cache)
-        record = engine_record(
-            key=job.key,
-            fold=job.fold,
-            precision=job.precision,
-            gpu=job.gpu,
-            trt_version=trt_version,
-            trt_api=built.api.to_dict(),
-            onnx_key=job.onnx_key,
-            onnx_entry=bundle.onnx_entries()[job.onnx_key],
-            engine_file=job.engine_file,
-            engine_sha256=sha256_file(engine_path),
-            size_bytes=len(built.engine),
-            profile=job.profile,
-            workspace_gib=job.workspace_gib,
-            tf32=built.settings.tf32,
-            timing_cache_file=job.timing_cache_file,
-            build_seconds=built.seconds,
-            built=utc_now(),
-        )
-        for old_key in superseded_records(bundle.manifest, fold=job.fold, precision=job.precision, gpu=job.gpu, keep_key=job.key):
-            old = bundle.engine_records(ENGINES_SECTION)[old_key]
-            old_path = bundle.artifact_path(old.get("file", ""))
-            if old.get("file") and old_path.is_file() and old_path != engine_path:
-                old_path.unlink()
-            bundle.remove_record(ENGINES_SECTION, old_key)
-            logger.info("Replaced engine %s", old_key)
-        bundle.record(ENGINES_SECTION, job.key, record)
-        records.append(record)
-    return records
+    return [
+        _build_and_record_engine(bundle, job, trt_version)
+        for job in tqdm(jobs, desc="build", unit="engine", disable=not progress)
+    ]
 
 
 def format_build_table(records: Sequence[dict[str, Any]]) -> str:

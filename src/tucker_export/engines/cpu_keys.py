@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import platform
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tucker_export.engines.keys import sha_prefix, slug
+from tucker_export.bundle import CPU_ENGINES_SECTION
+from tucker_export.engines.keys import same_slot_records, sha_prefix, slug
 from tucker_export.errors import ConfigurationError, EngineError, EngineMismatchError
 
-CPU_ENGINES_SECTION = "cpu_engines"
 CPU_PRECISIONS = ("fp32", "bf16", "int8")
 
 # Instruction-set features that change which kernels OpenVINO's CPU plugin compiles, in key order.
@@ -136,7 +137,7 @@ def check_precision_supported(precision: str, cpu: CpuInfo, capabilities: list[s
     if wanted and wanted not in capabilities:
         raise EngineError(
             f"This CPU ({cpu.describe()}) has no {precision} support in OpenVINO (it reports "
-            f"{', '.join(capabilities) or 'nothing'}); use --precision fp32."
+            f"{', '.join(capabilities) or 'nothing'}).", option="precision", use="fp32",
         )
 
 
@@ -226,15 +227,15 @@ def cpu_engine_mismatch(
     return None
 
 
-def cpu_engine_candidates(manifest: dict[str, Any], *, fold: Any, precision: str) -> list[dict[str, Any]]:
+def cpu_engine_candidates(records: Mapping[str, dict[str, Any]], *, fold: Any, precision: str) -> list[dict[str, Any]]:
     return [
-        r for r in manifest.get(CPU_ENGINES_SECTION, {}).values()
+        r for r in records.values()
         if str(r.get("fold")) == str(fold) and r.get("precision") == precision
     ]
 
 
 def find_cpu_engine_record(
-    manifest: dict[str, Any],
+    records: Mapping[str, dict[str, Any]],
     *,
     fold: Any,
     precision: str,
@@ -248,7 +249,7 @@ def find_cpu_engine_record(
     Raises EngineMismatchError (one sentence, with the rebuild command) when the bundle has
     compiled models for this fold and precision but none fits, EngineError when it has none.
     """
-    candidates = cpu_engine_candidates(manifest, fold=fold, precision=precision)
+    candidates = cpu_engine_candidates(records, fold=fold, precision=precision)
     command = cpu_build_command(bundle_path, precision)
     if not candidates:
         raise EngineError(
@@ -267,12 +268,6 @@ def find_cpu_engine_record(
     )
 
 
-def superseded_cpu_records(manifest: dict[str, Any], *, fold: Any, precision: str, cpu: CpuInfo, keep_key: str) -> list[str]:
+def superseded_cpu_records(records: Mapping[str, dict[str, Any]], *, fold: Any, precision: str, cpu: CpuInfo, keep_key: str) -> list[str]:
     """Keys of older compiled models of the same fold, precision and CPU kind that a new build replaces."""
-    return [
-        key for key, r in manifest.get(CPU_ENGINES_SECTION, {}).items()
-        if key != keep_key
-        and str(r.get("fold")) == str(fold)
-        and r.get("precision") == precision
-        and r.get("cpu", {}).get("kind") == cpu.kind
-    ]
+    return same_slot_records(records, fold=fold, precision=precision, device=("cpu", cpu.kind), keep_key=keep_key)

@@ -20,15 +20,13 @@ engines and one timing cache. Paths inside the bundle::
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tucker_export.bundle import export_command, onnx_key  # noqa: F401  (export_command is re-exported)
+# The bundle owns its section names and the export command; they are re-exported for the engine modules.
+from tucker_export.bundle import ENGINES_SECTION, export_command  # noqa: F401
 from tucker_export.errors import ConfigurationError, EngineError, EngineMismatchError
-
-ENGINES_SECTION = "engines"
-ONNX_SECTION = "onnx"
-
 
 # ---- GPUs ---------------------------------------------------------------------------------------
 
@@ -90,7 +88,8 @@ def parse_gpu_selection(selection: str, devices: list[GpuInfo]) -> list[GpuInfo]
     chosen: list[GpuInfo] = []
     for part in text.replace(" ", "").split(","):
         if not part.isdigit():
-            raise ConfigurationError(f"--gpus takes 'all' or device numbers like 0,1; got {selection!r}.")
+            raise ConfigurationError(f"The GPU selection is 'all' or device numbers like 0,1; got {selection!r}.",
+                                     option="gpus")
         index = int(part)
         if index not in by_index:
             have = ", ".join(str(i) for i in by_index)
@@ -148,7 +147,8 @@ class BatchProfile:
     def check_batch(self, batch: int) -> None:
         if not self.min <= batch <= self.max:
             raise EngineError(
-                f"Batch {batch} is outside the engine's profile {self}; rebuild with --batch covering it."
+                f"Batch {batch} is outside the engine's profile {self}; rebuild it with a batch profile covering it.",
+                option="batch_profile",
             )
 
     def __str__(self) -> str:
@@ -260,23 +260,23 @@ def engine_mismatch(
 
 
 def find_engine_record(
-    manifest: dict[str, Any],
+    records: Mapping[str, dict[str, Any]],
     *,
+    onnx_sha256: str | None,
     fold: Any,
     precision: str,
     gpu: GpuInfo,
     trt_version: str,
     bundle_path: Any,
 ) -> dict[str, Any]:
-    """The engine record for ``fold``/``precision`` that fits this GPU, TensorRT and the current ONNX file.
+    """Among ``records`` (a bundle's TensorRT engine records), the one for ``fold``/``precision`` that fits
+    this GPU, TensorRT and the current ONNX export (checksum ``onnx_sha256``, None when there is none).
 
     Raises EngineMismatchError with one sentence and the rebuild command when the bundle has
     engines for this fold and precision but none fits, and EngineError when it has none at all.
     """
-    onnx_entry = manifest.get(ONNX_SECTION, {}).get(onnx_key(fold, precision))
-    onnx_sha = onnx_entry.get("sha256") if onnx_entry else None
     candidates = [
-        r for r in manifest.get(ENGINES_SECTION, {}).values()
+        r for r in records.values()
         if str(r.get("fold")) == str(fold) and r.get("precision") == precision
     ]
     command = rebuild_command(bundle_path, precision)
@@ -284,7 +284,7 @@ def find_engine_record(
         raise EngineError(f"Bundle {bundle_path} has no TensorRT engine for fold {fold} {precision}; build one with `{command}`.")
     reasons = []
     for record in candidates:
-        reason = engine_mismatch(record, gpu=gpu, trt_version=trt_version, onnx_sha256=onnx_sha)
+        reason = engine_mismatch(record, gpu=gpu, trt_version=trt_version, onnx_sha256=onnx_sha256)
         if reason is None:
             return record
         reasons.append((record, reason))
@@ -304,12 +304,24 @@ def check_engine_file(record: dict[str, Any], actual_sha256: str, bundle_path: A
         )
 
 
-def superseded_records(manifest: dict[str, Any], *, fold: Any, precision: str, gpu: GpuInfo, keep_key: str) -> list[str]:
+def superseded_records(records: Mapping[str, dict[str, Any]], *, fold: Any, precision: str, gpu: GpuInfo, keep_key: str) -> list[str]:
     """Keys of older engines of the same fold, precision and GPU kind that a new build replaces."""
+    return same_slot_records(records, fold=fold, precision=precision, device=("gpu", gpu.kind), keep_key=keep_key)
+
+
+def same_slot_records(
+    records: Mapping[str, dict[str, Any]], *, fold: Any, precision: str, device: tuple[str, str], keep_key: str
+) -> list[str]:
+    """Keys other than ``keep_key`` of records for the same fold, precision and device kind.
+
+    ``device`` is the record field and kind, ``("gpu", kind)`` for TensorRT engines and ``("cpu", kind)``
+    for OpenVINO models: one slot holds one engine, so a new build replaces these.
+    """
+    field, kind = device
     return [
-        key for key, r in manifest.get(ENGINES_SECTION, {}).items()
+        key for key, r in records.items()
         if key != keep_key
         and str(r.get("fold")) == str(fold)
         and r.get("precision") == precision
-        and r.get("gpu", {}).get("kind") == gpu.kind
+        and r.get(field, {}).get("kind") == kind
     ]

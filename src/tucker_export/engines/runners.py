@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import abc
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tucker_export.errors import BackendUnavailableError, EngineError
+from tucker_export.runtimes import ort_session, ort_session_options, physical_cores, torch_callable
 
 if TYPE_CHECKING:
     import torch
@@ -34,26 +34,6 @@ ArrayLike = Any  # np.ndarray | torch.Tensor; kept loose so torch stays a lazy i
 
 def _is_numpy(batch: ArrayLike) -> bool:
     return isinstance(batch, np.ndarray)
-
-
-def physical_cores() -> int:
-    """Physical cores where they can be told (Linux sysfs), else the logical CPU count.
-
-    Convolution kernels gain nothing from hyper-threads; ONNX Runtime's own default is the
-    physical core count too. Respects the process's CPU affinity.
-    """
-    try:
-        available = os.sched_getaffinity(0)
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-    cores: set[tuple[str, str]] = set()
-    for cpu in available:
-        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
-        try:
-            cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
-        except OSError:
-            return len(available)
-    return max(1, len(cores))
 
 
 class Runner(abc.ABC):
@@ -142,6 +122,9 @@ class TorchRunner(Runner):
         if decoder is not None and getattr(decoder, "deep_supervision", False):
             decoder.deep_supervision = False
         self.network = network.to(self.device).eval()
+        # nnU-Net autocasts fp16 on CUDA only; __init__ already turned fp16 on the CPU into fp32.
+        fp16 = self.precision == "fp16" and self.device.type == "cuda"
+        self._run = torch_callable(self.network, self.device, autocast=torch.float16 if fp16 else None)
 
     def close(self) -> None:
         import torch
@@ -154,13 +137,7 @@ class TorchRunner(Runner):
         import torch
 
         assert self.network is not None
-        autocast = (
-            torch.autocast("cuda", dtype=torch.float16)
-            if self.precision == "fp16" and self.device.type == "cuda"
-            else _null_context()
-        )
-        with torch.inference_mode(), autocast:
-            return self.network(batch.to(self.device, torch.float32)).float()
+        return self._run(batch.to(torch.float32)).float()
 
     def _infer_numpy(self, batch: np.ndarray) -> np.ndarray:
         import torch
@@ -169,14 +146,6 @@ class TorchRunner(Runner):
 
     def _infer_torch(self, batch: torch.Tensor) -> torch.Tensor:
         return self._forward(batch).to(batch.device)
-
-
-class _null_context:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc_info: object) -> None:
-        return None
 
 
 # ---- ONNX Runtime -------------------------------------------------------------------------------
@@ -204,7 +173,7 @@ def ort_providers_for(
         if ORT_CUDA not in available:
             raise BackendUnavailableError(
                 "ONNX Runtime here has no CUDAExecutionProvider (the CPU-only onnxruntime wheel); install "
-                "onnxruntime-gpu or run on --device cpu."
+                "onnxruntime-gpu or run on the CPU", option="device", use="cpu",
             )
         providers.append((ORT_CUDA, {"device_id": device_index}))
     elif device_type != "cpu":
@@ -245,24 +214,10 @@ class OnnxRuntimeRunner(Runner):
         self.providers_used: list[str] = []
 
     def session_options(self) -> Any:
-        import onnxruntime as ort
-
-        levels = {
-            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }
-        if self.graph_optimization not in levels:
-            raise EngineError(f"Graph optimisation level {self.graph_optimization!r} is not one of {', '.join(levels)}.")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = levels[self.graph_optimization]
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL if self.sequential else ort.ExecutionMode.ORT_PARALLEL
-        options.intra_op_num_threads = self.intra_op_threads or physical_cores()
-        options.log_severity_level = 3
-        if self.optimized_model_path:
-            options.optimized_model_filepath = str(self.optimized_model_path)
-        return options
+        return ort_session_options(
+            graph_optimization=self.graph_optimization, threads=self.intra_op_threads, sequential=self.sequential,
+            optimized_model_path=self.optimized_model_path,
+        )
 
     def open(self) -> None:
         import onnxruntime as ort
@@ -273,10 +228,7 @@ class OnnxRuntimeRunner(Runner):
             self.device.type, ort.get_available_providers(), device_index=self.device.index or 0,
             precision=self.precision,
         )
-        try:
-            self.session = ort.InferenceSession(str(self.onnx_path), self.session_options(), providers=providers)
-        except Exception as error:  # ORT raises its own Fail/InvalidGraph/RuntimeException types
-            raise EngineError(f"ONNX Runtime cannot load {self.onnx_path} ({error}).") from error
+        self.session = ort_session(self.onnx_path, providers=providers, options=self.session_options())
         self.providers_used = list(self.session.get_providers())
         if self.device.type == "cuda" and ORT_CUDA not in self.providers_used:
             raise BackendUnavailableError(

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from tucker_export.engines.keys import GpuInfo, cuda_devices, export_command, find_engine_record
 from tucker_export.engines.runners import ORT_CUDA, OnnxRuntimeRunner, Runner, TensorRTRunner, TorchRunner
 from tucker_export.errors import BackendUnavailableError, BundleError, ConfigurationError, TuckerExportError
+from tucker_export.exporter.rebuild import build_network
 
 if TYPE_CHECKING:
     import torch
@@ -54,9 +55,10 @@ def check_backend_precision(backend: str, precision: str) -> None:
     if precision not in PRECISIONS:
         raise ConfigurationError(f"Precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
     if precision in ("bf16", "int8") and backend not in ("auto", "openvino"):
-        raise ConfigurationError(f"--precision {precision} runs on --backend openvino (the CPU), not {backend}.")
+        raise ConfigurationError(f"Precision {precision} runs on the openvino backend (the CPU), not {backend}.",
+                                 option="backend", use="openvino")
     if precision == "fp16" and backend == "openvino":
-        raise ConfigurationError("OpenVINO on the CPU runs fp32, bf16 or int8, not fp16; use --precision bf16.")
+        raise ConfigurationError("OpenVINO on the CPU runs fp32, bf16 or int8, not fp16.", option="precision", use="bf16")
 
 
 def uses_openvino(backend: str, precision: str, device_type: str) -> bool:
@@ -105,7 +107,8 @@ def decide_backend(
     check_backend_precision(choice, precision)
     if choice == "openvino":
         if device_type != "cpu":
-            raise BackendUnavailableError(f"OpenVINO runs on the CPU here, and the device is {device_type}; use --device cpu.")
+            raise BackendUnavailableError(f"OpenVINO runs on the CPU here, and the device is {device_type}.",
+                                          option="device", use="cpu")
         if openvino_problem is not None:
             raise openvino_problem
         return BackendDecision("openvino", f"requested{f' ({openvino_note})' if openvino_note else ''}")
@@ -119,7 +122,7 @@ def decide_backend(
         if device_type == "cuda" and ORT_CUDA not in ort_providers:
             raise BackendUnavailableError(
                 "ONNX Runtime here has no CUDAExecutionProvider (the CPU-only onnxruntime wheel); install "
-                "onnxruntime-gpu or run on --device cpu."
+                "onnxruntime-gpu or run on the CPU.", option="device", use="cpu",
             )
         return BackendDecision("ort", f"requested ({'CUDA' if device_type == 'cuda' else 'CPU'} provider)")
     if choice == "torch":
@@ -172,8 +175,8 @@ def engine_problem(bundle: Bundle, precision: str, folds: Sequence[Fold], device
         gpu = _device_gpu(device)
         for fold in folds:
             find_engine_record(
-                bundle.manifest, fold=fold, precision=precision, gpu=gpu, trt_version=str(trt.__version__),
-                bundle_path=bundle.path,
+                bundle.engine_records(), onnx_sha256=bundle.onnx_sha256(fold, precision), fold=fold,
+                precision=precision, gpu=gpu, trt_version=str(trt.__version__), bundle_path=bundle.path,
             )
     except TuckerExportError as error:
         return error
@@ -216,7 +219,7 @@ class RunnerFactory:
             path = self.bundle.verify_file(entry["file"], entry["sha256"])
             return OnnxRuntimeRunner(path, precision=self.precision, device=self.device, intra_op_threads=self.threads)
         bundle = self.bundle
-        return TorchRunner(lambda: bundle.build_network(fold), precision=self.precision, device=self.device)
+        return TorchRunner(lambda: build_network(bundle, fold), precision=self.precision, device=self.device)
 
     def _tensorrt(self, fold: Fold) -> Runner:
         from tucker_export._io import sha256_file
@@ -224,8 +227,9 @@ class RunnerFactory:
         from tucker_export.engines.tensorrt_backend import import_tensorrt
 
         record = find_engine_record(
-            self.bundle.manifest, fold=fold, precision=self.precision, gpu=_device_gpu(self.device),
-            trt_version=str(import_tensorrt().__version__), bundle_path=self.bundle.path,
+            self.bundle.engine_records(), onnx_sha256=self.bundle.onnx_sha256(fold, self.precision), fold=fold,
+            precision=self.precision, gpu=_device_gpu(self.device), trt_version=str(import_tensorrt().__version__),
+            bundle_path=self.bundle.path,
         )
         path = self.bundle.artifact_path(record["file"])
         if not path.is_file():

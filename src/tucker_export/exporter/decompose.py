@@ -28,7 +28,7 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,17 +40,9 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from tqdm.auto import tqdm
 
-from tucker_export._io import sha256_file, write_json_atomic
 from tucker_export._text import human as _human
 from tucker_export._text import table as _table
-from tucker_export.bundle import (
-    MANIFEST_NAME,
-    Bundle,
-    fold_key,
-    model_checksum,
-    new_manifest,
-    staged_bundle_dir,
-)
+from tucker_export.bundle import Bundle, fold_key, model_checksum, new_bundle, staged_bundle_dir
 from tucker_export.errors import BackendUnavailableError, ConfigurationError
 from tucker_export.exporter.counting import NetworkCount, count_network, module_params
 from tucker_export.exporter.ranks import LayerCost, LayerSpectrum, RankPolicy, allocate_budget, layer_ranks
@@ -178,6 +170,35 @@ def decompose_network(
                                   device=device, progress=progress, description=description)
 
 
+# A convolution the rank policy decides on: its index in the layer entries, canonical name, module.
+_Candidate = tuple[int, str, _ConvNd]
+
+
+class _PhaseClock:
+    """Seconds spent in each phase of one decomposition (the manifest's ``seconds_per_phase``)."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self._last = self.started
+        self.timings: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        """Record the time since the previous lap (or the start) as ``phase``."""
+        now = time.perf_counter()
+        self.timings[phase] = round(now - self._last, 3)
+        self._last = now
+
+
+@dataclass
+class _RankPlan:
+    """The ranks chosen per candidate (``None``: keep it) and the cost models behind them."""
+
+    chosen: dict[str, tuple[int, int] | None]
+    mac_costs: dict[str, LayerCost]
+    metric: str
+    budget_info: dict[str, Any] | None = None
+
+
 def _decompose_network(
     network: nn.Module,
     input_shape: Sequence[int],
@@ -191,122 +212,182 @@ def _decompose_network(
 ) -> DecompositionResult:
     policy.validate()
     if hooi_iterations < 0:
-        raise ConfigurationError(f"--hooi-iterations must be >= 0, got {hooi_iterations}.")
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-    clock = [started]
-
-    def lap(phase: str) -> None:
-        now = time.perf_counter()
-        timings[phase] = round(now - clock[0], 3)
-        clock[0] = now
-
+        raise ConfigurationError(f"HOOI iterations must be >= 0, got {hooi_iterations}.", option="hooi_iterations")
+    clock = _PhaseClock()
     before = count_network(network, input_shape)
-    lap("count_before")
-    convs = find_convs(network)
+    clock.lap("count_before")
+    layers, candidates = _layer_entries(network, before, policy, skip)
+
+    spectra = _candidate_spectra(candidates, device=device, progress=progress, description=description)
+    clock.lap("spectra")
+    plan = _choose_ranks(candidates, spectra, before, policy, skip)
+    clock.lap("ranks")
+    _factorize_candidates(
+        network, layers, candidates, spectra, plan, skip=skip, hooi_iterations=hooi_iterations,
+        device=device, progress=progress, description=description,
+    )
+    clock.lap("factorize")
+    after = count_network(network, input_shape)
+    clock.lap("count_after")
+
+    totals = _network_totals(layers, before, after, plan)
+    seconds = time.perf_counter() - clock.started
+    totals["seconds"] = round(seconds, 3)
+    totals["seconds_per_phase"] = clock.timings
+    return DecompositionResult(network, layers, totals, before, after, seconds)
+
+
+def _layer_entries(
+    network: nn.Module, before: NetworkCount, policy: RankPolicy, skip: SkipRules,
+) -> tuple[list[dict[str, Any]], list[_Candidate]]:
+    """The manifest entry of every convolution (as kept, for now) and the candidates to factorize."""
     executed = before.executed_in_order()
+    # The skip rules for the input conv and the segmentation head need the first and last conv *run*.
     first_name = executed[0].name if executed else None
     last_name = executed[-1].name if executed else None
-
     layers: list[dict[str, Any]] = []
-    candidates: list[tuple[int, str, _ConvNd]] = []
-    for name, conv in convs:
-        count = before.convs[name]
-        entry: dict[str, Any] = {
-            "name": name,
-            "aliases": [a for a in module_aliases(network, conv) if a != name],
-            "stage": stage_of(name),
-            "op": type(conv).__name__,
-            "in_channels": conv.in_channels,
-            "out_channels": conv.out_channels,
-            "kernel_size": list(conv.kernel_size),
-            "stride": list(conv.stride),
-            "action": "kept",
-            "reason": None,
-            "ranks": None,
-            "params_before": count.params,
-            "params_after": count.params,
-            "macs_before": count.macs,
-            "macs_after": count.macs,
-            "relative_error": 0.0,
-        }
+    candidates: list[_Candidate] = []
+    for name, conv in find_convs(network):
+        entry = _kept_entry(network, name, conv, before)
         layers.append(entry)
-        reason = unsupported_reason(conv)
-        if reason is None and policy.mode == "none":
-            reason = "rank mode none"
-        if reason is None and skip.segmentation_heads and _is_pointwise(conv) and (
-            "seg_layers" in name.split(".") or name == last_name
-        ):
-            reason = "segmentation head (1x1)"
-        if reason is None and name == first_name and conv.in_channels <= skip.first_conv_max_in_channels:
-            reason = f"first conv with {conv.in_channels} input channel{'s' if conv.in_channels > 1 else ''}"
-        if reason is None and count.calls == 0:
-            reason = "not run at inference (e.g. a deep-supervision head)"
+        reason = _skip_reason(name, conv, before, policy, skip, first_name=first_name, last_name=last_name)
         if reason is not None:
             entry["reason"] = reason
             if reason.startswith("groups="):
                 logger.info("Keeping %s: %s.", name, reason)
             continue
         candidates.append((len(layers) - 1, name, conv))
+    return layers, candidates
 
-    # Spectra of every candidate: the rank policies and the factorization share them.
+
+def _kept_entry(network: nn.Module, name: str, conv: _ConvNd, before: NetworkCount) -> dict[str, Any]:
+    """The manifest entry of ``conv`` left as it is; factorizing it later updates the entry."""
+    count = before.convs[name]
+    return {
+        "name": name,
+        "aliases": [a for a in module_aliases(network, conv) if a != name],
+        "stage": stage_of(name),
+        "op": type(conv).__name__,
+        "in_channels": conv.in_channels,
+        "out_channels": conv.out_channels,
+        "kernel_size": list(conv.kernel_size),
+        "stride": list(conv.stride),
+        "action": "kept",
+        "reason": None,
+        "ranks": None,
+        "params_before": count.params,
+        "params_after": count.params,
+        "macs_before": count.macs,
+        "macs_after": count.macs,
+        "relative_error": 0.0,
+    }
+
+
+def _skip_reason(
+    name: str, conv: _ConvNd, before: NetworkCount, policy: RankPolicy, skip: SkipRules, *,
+    first_name: str | None, last_name: str | None,
+) -> str | None:
+    """Why ``conv`` is kept whatever its ranks would be, or ``None`` when the rank policy decides."""
+    reason = unsupported_reason(conv)
+    if reason is None and policy.mode == "none":
+        reason = "rank mode none"
+    if reason is None and skip.segmentation_heads and _is_pointwise(conv) and (
+        "seg_layers" in name.split(".") or name == last_name
+    ):
+        reason = "segmentation head (1x1)"
+    if reason is None and name == first_name and conv.in_channels <= skip.first_conv_max_in_channels:
+        reason = f"first conv with {conv.in_channels} input channel{'s' if conv.in_channels > 1 else ''}"
+    if reason is None and before.convs[name].calls == 0:
+        reason = "not run at inference (e.g. a deep-supervision head)"
+    return reason
+
+
+def _candidate_spectra(
+    candidates: Sequence[_Candidate], *, device: str | torch.device, progress: bool, description: str,
+) -> dict[str, ModeSpectra]:
+    """Spectra of every candidate, computed once: the rank policies and the factorization share them."""
     spectra: dict[str, ModeSpectra] = {}
     iterator = tqdm(candidates, desc=f"{description}analysing", unit="layer", disable=not progress, leave=False)
     for _, name, conv in iterator:
         spectra[name] = mode_spectra(canonical_kernel(conv), device=device)
-    lap("spectra")
+    return spectra
 
+
+def _choose_ranks(
+    candidates: Sequence[_Candidate], spectra: Mapping[str, ModeSpectra], before: NetworkCount,
+    policy: RankPolicy, skip: SkipRules,
+) -> _RankPlan:
+    """Ranks per candidate: from the network-wide budget, or layer by layer from the policy."""
     metric = policy.budget_metric if policy.mode == "budget" else "macs"
+    # The MAC cost model is needed whatever the metric: the no-gain skip compares MACs.
     mac_costs = {
         name: _layer_cost(name, conv, before.convs[name].input_voxels, before.convs[name].output_voxels, "macs")
         for _, name, conv in candidates
     }
+    plan = _RankPlan(chosen={}, mac_costs=mac_costs, metric=metric)
+    if policy.mode == "budget":
+        _plan_budget_ranks(plan, candidates, spectra, before, policy, skip)
+    else:
+        for _, name, conv in candidates:
+            plan.chosen[name] = layer_ranks(policy, _layer_spectrum(conv, spectra[name]))
+    return plan
+
+
+def _plan_budget_ranks(
+    plan: _RankPlan, candidates: Sequence[_Candidate], spectra: Mapping[str, ModeSpectra], before: NetworkCount,
+    policy: RankPolicy, skip: SkipRules,
+) -> None:
+    """Fill ``plan`` with the ranks that meet ``policy.budget_target`` of the whole network's cost."""
+    metric, mac_costs = plan.metric, plan.mac_costs
     costs = mac_costs if metric == "macs" else {
         name: _layer_cost(name, conv, 0, 0, "params") for _, name, conv in candidates
     }
-    chosen: dict[str, tuple[int, int] | None] = {}
-    budget_info: dict[str, Any] | None = None
-    if policy.mode == "budget":
-        layer_costs = []
-        for _, name, _ in candidates:
-            s = spectra[name]
-            macs = mac_costs[name]
-            layer_costs.append(
-                LayerCost(**{**asdict(costs[name]),
-                             "singular_values_out": s.singular_values_out.cpu().numpy(),
-                             "singular_values_in": s.singular_values_in.cpu().numpy(),
-                             "also_saves": (macs.a_in, macs.a_out, macs.a_core, macs.original)
-                             if metric == "params" and skip.no_gain else None})
-            )
-        total = before.conv_params if metric == "params" else before.macs
-        # Layers that are never factorized (skips) cost what they cost; biases stay in every layer.
-        fixed = total - sum(c.original for c in layer_costs)
-        target = policy.budget_target * total
-        result = allocate_budget(layer_costs, target, fixed_cost=fixed, round_to=policy.round_to, rank_min=policy.rank_min)
-        chosen = dict(result.ranks)
-        budget_info = {"metric": metric, "target_fraction": policy.budget_target,
-                       "planned_fraction": result.achieved / result.original if result.original else 1.0}
-    else:
-        for _, name, conv in candidates:
-            s = spectra[name]
-            layer = LayerSpectrum(
-                out_channels=conv.out_channels, in_channels=conv.in_channels,
-                singular_values_out=s.singular_values_out.cpu().numpy(),
-                singular_values_in=s.singular_values_in.cpu().numpy(),
-                unfolding_shape_out=s.unfolding_shapes[0], unfolding_shape_in=s.unfolding_shapes[1],
-            )
-            chosen[name] = layer_ranks(policy, layer)
-    lap("ranks")
+    layer_costs = []
+    for _, name, _ in candidates:
+        s = spectra[name]
+        macs = mac_costs[name]
+        layer_costs.append(
+            LayerCost(**{**asdict(costs[name]),
+                         "singular_values_out": s.singular_values_out.cpu().numpy(),
+                         "singular_values_in": s.singular_values_in.cpu().numpy(),
+                         "also_saves": (macs.a_in, macs.a_out, macs.a_core, macs.original)
+                         if metric == "params" and skip.no_gain else None})
+        )
+    total = before.conv_params if metric == "params" else before.macs
+    # Layers that are never factorized (skips) cost what they cost; biases stay in every layer.
+    fixed = total - sum(c.original for c in layer_costs)
+    target = policy.budget_target * total
+    result = allocate_budget(layer_costs, target, fixed_cost=fixed, round_to=policy.round_to, rank_min=policy.rank_min)
+    plan.chosen = dict(result.ranks)
+    plan.budget_info = {"metric": metric, "target_fraction": policy.budget_target,
+                        "planned_fraction": result.achieved / result.original if result.original else 1.0}
 
+
+def _layer_spectrum(conv: _ConvNd, spectra: ModeSpectra) -> LayerSpectrum:
+    """What a per-layer rank policy needs of ``conv``: its shape and both modes' singular values."""
+    return LayerSpectrum(
+        out_channels=conv.out_channels, in_channels=conv.in_channels,
+        singular_values_out=spectra.singular_values_out.cpu().numpy(),
+        singular_values_in=spectra.singular_values_in.cpu().numpy(),
+        unfolding_shape_out=spectra.unfolding_shapes[0], unfolding_shape_in=spectra.unfolding_shapes[1],
+    )
+
+
+def _factorize_candidates(
+    network: nn.Module, layers: list[dict[str, Any]], candidates: Sequence[_Candidate],
+    spectra: dict[str, ModeSpectra], plan: _RankPlan, *, skip: SkipRules, hooi_iterations: int,
+    device: str | torch.device, progress: bool, description: str,
+) -> None:
+    """Replace every candidate that has ranks (and saves MACs) by its factorized conv; update its entry."""
     iterator = tqdm(candidates, desc=f"{description}factorizing", unit="layer", disable=not progress, leave=False)
     for index, name, conv in iterator:
         entry = layers[index]
-        ranks = chosen.get(name)
+        ranks = plan.chosen.get(name)
         if ranks is None:
             entry["reason"] = "budget allocation keeps it (no saving worth its error)"
             continue
         if skip.no_gain:
-            cost = mac_costs[name]
+            cost = plan.mac_costs[name]
             planned = cost.cost(*ranks)
             if planned >= cost.original:
                 entry["reason"] = (
@@ -318,13 +399,16 @@ def _decompose_network(
         replace_module(network, conv, module)
         entry.update(action="factorized", ranks=list(factors.ranks), relative_error=factors.relative_error,
                      params_after=module_params(module))
-        del spectra[name]
+        del spectra[name]  # free it now: the spectra of a large network add up
 
-    lap("factorize")
-    after = count_network(network, input_shape)
-    lap("count_after")
+
+def _network_totals(
+    layers: list[dict[str, Any]], before: NetworkCount, after: NetworkCount, plan: _RankPlan,
+) -> dict[str, Any]:
+    """The fold's totals (without the timings); fills in each factorized entry's MACs after."""
     for entry in layers:
         if entry["action"] == "factorized":
+            # A factorized conv is a sequence of convs now: its MACs are those of the modules under its name.
             entry["macs_after"] = sum(c.macs for c in after.under(entry["name"]))
     factorized = sum(entry["action"] == "factorized" for entry in layers)
     totals: dict[str, Any] = {
@@ -342,14 +426,13 @@ def _decompose_network(
         "macs_ratio": after.macs / before.macs if before.macs else 1.0,
         "max_relative_error": max((e["relative_error"] for e in layers), default=0.0),
     }
-    if budget_info is not None:
-        achieved = totals["conv_params_after"] / totals["conv_params_before"] if metric == "params" else totals["macs_ratio"]
+    if plan.budget_info is not None:
+        budget_info = plan.budget_info
+        achieved = (totals["conv_params_after"] / totals["conv_params_before"] if plan.metric == "params"
+                    else totals["macs_ratio"])
         budget_info["achieved_fraction"] = achieved
         totals["budget"] = budget_info
-    seconds = time.perf_counter() - started
-    totals["seconds"] = round(seconds, 3)
-    totals["seconds_per_phase"] = timings
-    return DecompositionResult(network, layers, totals, before, after, seconds)
+    return totals
 
 
 def decompose_model(
@@ -385,7 +468,7 @@ def decompose_model(
 
     policy = (policy or RankPolicy()).validate()
     if hooi_iterations < 0:
-        raise ConfigurationError(f"--hooi-iterations must be >= 0, got {hooi_iterations}.")
+        raise ConfigurationError(f"HOOI iterations must be >= 0, got {hooi_iterations}.", option="hooi_iterations")
     torch_device = _check_device(device)
     checkpoint_name = checkpoint_name or DEFAULT_CHECKPOINT
     model_dir = Path(model_dir)
@@ -396,20 +479,20 @@ def decompose_model(
             trust_checkpoint=trust_checkpoint,
         )
         spec = loaded.spec
-        manifest = new_manifest(
-            spec,
+        bundle = new_bundle(
+            staging, spec,
             source_checksum=model_checksum(model_dir, list(loaded.checkpoint_paths.values())),
             checkpoint_name=checkpoint_name,
+            source_folds=[fold_key(f) for f in loaded.folds],
+            rank_policy=policy.to_manifest(),
+            decomposition={
+                "method": "tucker2-hosvd" if hooi_iterations == 0 else "tucker2-hooi",
+                "hooi_iterations": hooi_iterations,
+                "device": str(torch_device),
+                "skip_rules": asdict(skip),
+                "count_input_shape": [spec.num_input_channels, *spec.patch_size],
+            },
         )
-        manifest["source"]["folds"] = [fold_key(f) for f in loaded.folds]
-        manifest["rank_policy"] = policy.to_manifest()
-        manifest["decomposition"] = {
-            "method": "tucker2-hosvd" if hooi_iterations == 0 else "tucker2-hooi",
-            "hooi_iterations": hooi_iterations,
-            "device": str(torch_device),
-            "skip_rules": asdict(skip),
-            "count_input_shape": [spec.num_input_channels, *spec.patch_size],
-        }
         for name in ("plans.json", "dataset.json"):
             shutil.copy2(model_dir / name, staging / name)
         (staging / "weights").mkdir()
@@ -423,18 +506,14 @@ def decompose_model(
             )
             relative = Path("weights") / f"fold_{fold}.safetensors"
             save_file(deduplicated_state_dict(network), str(staging / relative))
-            manifest["folds"][fold_key(fold)] = {
-                "weights": {"file": relative.as_posix(), "sha256": sha256_file(staging / relative)},
-                "layers": result.layers,
-                "totals": result.totals,
-            }
+            bundle.set_fold(fold, weights_file=relative.as_posix(), layers=result.layers, totals=result.totals)
             logger.info(
                 "Fold %s: %d of %d convolutions factorized in %.1f s; MACs x%.3f, parameters x%.3f.",
                 fold, result.totals["factorized"], result.totals["layers"], result.seconds,
                 result.totals["macs_ratio"], result.totals["params_ratio"],
             )
             loaded.networks[fold] = None  # free it before the next fold
-        write_json_atomic(staging / MANIFEST_NAME, manifest)
+        bundle.save()
     return Bundle.load(output)
 
 
@@ -442,11 +521,13 @@ def _check_device(device: str) -> torch.device:
     try:
         torch_device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ConfigurationError(f"--device must be 'cpu' or 'cuda[:N]', got {device!r}.") from None
+        raise ConfigurationError(f"The device must be 'cpu' or 'cuda[:N]', got {device!r}.", option="device") from None
     if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise BackendUnavailableError(f"--device {device} needs a CUDA GPU, and torch sees none here; use --device cpu.")
+        raise BackendUnavailableError(
+            f"Device {device} needs a CUDA GPU, and torch sees none here", option="device", use="cpu"
+        )
     if torch_device.type not in ("cpu", "cuda"):
-        raise ConfigurationError(f"--device must be 'cpu' or 'cuda[:N]', got {device!r}.")
+        raise ConfigurationError(f"The device must be 'cpu' or 'cuda[:N]', got {device!r}.", option="device")
     return torch_device
 
 
@@ -457,14 +538,13 @@ def _ratio(after: float, before: float) -> str:
     return f"{after / before:.3f}" if before else "-"
 
 
-def format_summary(bundle: Bundle | dict[str, Any], *, verbose: bool = False) -> str:
+def format_summary(bundle: Bundle, *, verbose: bool = False) -> str:
     """The decomposition summary of every fold: per stage, per layer when ``verbose``, with totals."""
-    manifest = bundle.manifest if isinstance(bundle, Bundle) else bundle
-    policy = manifest.get("rank_policy", {})
+    policy = bundle.rank_policy
     policy_text = ", ".join(f"{k}={v}" for k, v in policy.items() if k != "mode" and v is not None)
     lines: list[str] = []
-    for fold, entry in manifest["folds"].items():
-        layers, totals = entry["layers"], entry["totals"]
+    for fold in bundle.fold_entries():
+        layers, totals = bundle.fold_layers(fold), bundle.fold_totals(fold)
         shape = "x".join(str(s) for s in totals.get("input_shape", []))
         lines.append(
             f"Fold {fold}: rank mode {policy.get('mode')}"

@@ -41,8 +41,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tucker_export._io import sha256_file, write_bytes_atomic
-from tucker_export.bundle import onnx_key
+from tucker_export.bundle import ONNX_SECTION, onnx_key
 from tucker_export.errors import ConfigurationError, ExportError
+from tucker_export.exporter.rebuild import build_network
 
 if TYPE_CHECKING:
     import onnx
@@ -170,9 +171,10 @@ def check_export_options(opset: int, max_batch: int, parity_batch: int) -> None:
 
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= newest:
-        raise ConfigurationError(f"Opset {opset} is outside the supported range {MIN_OPSET}..{newest}; use --opset 17.")
+        raise ConfigurationError(f"Opset {opset} is outside the supported range {MIN_OPSET}..{newest}.", option="opset",
+                                 use="17")
     if max_batch < 1:
-        raise ConfigurationError(f"--max-batch must be at least 1, got {max_batch}.")
+        raise ConfigurationError(f"The largest exported batch must be at least 1, got {max_batch}.", option="max_batch")
     if parity_batch < 1:
         raise ConfigurationError(f"The parity batch must be at least 1, got {parity_batch}.")
 
@@ -324,22 +326,18 @@ def seeded_input(batch: int, num_input_channels: int, patch_size: Sequence[int],
 def torch_reference(network: torch.nn.Module, x: np.ndarray) -> np.ndarray:
     import torch
 
+    from tucker_export.runtimes import torch_callable
+
     network = network.eval().cpu()
     _disable_deep_supervision(network)
-    with torch.inference_mode():
-        return network(torch.from_numpy(x)).float().numpy()
+    return torch_callable(network, "cpu")(torch.from_numpy(x)).float().numpy()
 
 
 def run_onnxruntime_cpu(model: str | Path | bytes, x: np.ndarray) -> np.ndarray:
-    """One CPU ONNX Runtime session, all graph optimisations, the default thread pool."""
-    import onnxruntime as ort
+    """One CPU ONNX Runtime session with the runner's defaults, so parity is checked on the shipped path."""
+    from tucker_export.runtimes import ort_session
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # ORT warns about fp16 nodes it runs through casts on CPU
-    source = str(model) if isinstance(model, Path) else model
-    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    return session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    return ort_session(model).run([OUTPUT_NAME], {INPUT_NAME: x})[0]
 
 
 def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
@@ -492,7 +490,7 @@ def export_bundle(
     records: list[ExportRecord] = []
     failures: list[str] = []
     for fold in tqdm(selected, desc="export", unit="fold", disable=not progress):
-        network = bundle.build_network(fold)
+        network = build_network(bundle, fold)
         weights_sha = bundle.fold_entry(fold).get("weights", {}).get("sha256")
         exports = export_network(
             network,
@@ -528,7 +526,7 @@ def export_bundle(
                 size_bytes=len(result.model_bytes),
                 weights_sha256=weights_sha,
             )
-            bundle.record("onnx", record.key, record.to_manifest())
+            bundle.record(ONNX_SECTION, record.key, record.to_manifest())
             records.append(record)
             failures.extend(result.parity.failures)
     if failures:

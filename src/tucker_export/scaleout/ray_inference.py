@@ -307,7 +307,8 @@ def run_inference_on_ray(
     worker_info)`` is called each time a case is handed to a worker (for monitoring). The other
     options are `run_inference`'s.
     """
-    from tucker_export.inference import InferenceReport, undecomposed_bundle
+    from tucker_export.inference import InferenceReport
+    from tucker_export.pipeline import undecomposed_bundle
 
     _check_options(workers, cpus_per_worker, max_retries, device)
     bundle = _resolve_bundle(bundle_path, model_dir, backend, precision, trust_checkpoint, undecomposed_bundle)

@@ -34,7 +34,7 @@ from tucker_export.validation.bench_common import (
     _table,
     parse_batch_sizes,
 )
-from tucker_export.validation.machine import _loadavg, environment
+from tucker_export.validation.machine import environment, loadavg
 from tucker_export.validation.timing import LatencyStats, PeakMemory, latency
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ _COMPUTE_KEYS = ("input_shape", "layers", "factorized", "params_before", "params
                  "max_relative_error")
 
 
-def compute_figures(manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+def compute_figures(bundle: Bundle) -> dict[str, dict[str, Any]]:
     """Per fold: parameters and MACs before/after and their ratios, from the manifest totals.
 
     MACs are those of one network call at batch 1 and the configuration's patch size (see
@@ -150,8 +150,8 @@ def compute_figures(manifest: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     that turned every saved MAC into time would gain.
     """
     figures: dict[str, dict[str, Any]] = {}
-    for fold, entry in manifest.get("folds", {}).items():
-        totals = entry.get("totals", {})
+    for fold in bundle.fold_entries():
+        totals = bundle.fold_totals(fold)
         figures[fold] = {key: totals[key] for key in _COMPUTE_KEYS if key in totals}
         if totals.get("macs_after"):
             figures[fold]["macs_speedup_bound"] = totals["macs_before"] / totals["macs_after"]
@@ -181,9 +181,9 @@ def artifact_sizes(bundle: Bundle) -> dict[str, Any]:
     return {"weights": weights, "onnx": onnx, "engines": engines}
 
 
-def _structure_signature(entry: Mapping[str, Any]) -> tuple[Any, ...]:
+def _structure_signature(layers: Sequence[Mapping[str, Any]]) -> tuple[Any, ...]:
     """Two folds with the same factorized layers and ranks cost the same to run."""
-    return tuple((layer["name"], tuple(layer["ranks"]) if layer.get("ranks") else None) for layer in entry["layers"])
+    return tuple((layer["name"], tuple(layer["ranks"]) if layer.get("ranks") else None) for layer in layers)
 
 
 def latency_folds(bundle: Bundle, folds: Sequence[Fold]) -> dict[Fold, list[Fold]]:
@@ -194,7 +194,7 @@ def latency_folds(bundle: Bundle, folds: Sequence[Fold]) -> dict[Fold, list[Fold
     """
     groups: dict[tuple[Any, ...], list[Fold]] = {}
     for fold in folds:
-        groups.setdefault(_structure_signature(bundle.fold_entry(fold)), []).append(fold)
+        groups.setdefault(_structure_signature(bundle.fold_layers(fold)), []).append(fold)
     return {members[0]: members for members in groups.values()}
 
 
@@ -288,6 +288,26 @@ def end_to_end(
     return EndToEnd(settings, cases, _end_to_end_summary(cases), probe.result), report
 
 
+@dataclass(frozen=True)
+class _BenchPlan:
+    """What every backend/precision pair of one ``bench_bundle`` call is measured with."""
+
+    bundle: Bundle
+    selected: tuple[Fold, ...]
+    representatives: dict[Fold, list[Fold]]
+    input_shape: tuple[int, ...]
+    sizes_to_time: tuple[int, ...]
+    warmup: int
+    repeats: int
+    seed: int
+    device: str
+    torch_device: torch.device
+    input_dir: str | Path | None
+    use_mirroring: bool
+    step_size: float
+    e2e_batch_size: int
+
+
 def bench_bundle(
     bundle_path: str | Path,
     *,
@@ -315,91 +335,129 @@ def bench_bundle(
     from tqdm.auto import tqdm
 
     from tucker_export.bundle import Bundle, utc_now
-    from tucker_export.engines.selection import normalize_backend, select_backend
     from tucker_export.inference import parse_device
 
+    # Every option is checked before the bundle is loaded, so a typo fails at once.
     _check_counts(warmup, repeats)
     sizes_to_time = parse_batch_sizes(batch_sizes)
-    chosen_backends: list[str] = []
-    for name in backends:
-        backend = normalize_backend(name)
-        if backend == "auto":
-            raise ConfigurationError("bench measures named backends; choose from torch, ort, openvino, trt (not auto).")
-        if backend not in chosen_backends:
-            chosen_backends.append(backend)
-    if not chosen_backends:
-        raise ConfigurationError("At least one backend is needed (torch, ort, openvino or trt).")
+    chosen_backends = _bench_backends(backends)
     chosen_precisions = _bench_precisions(precisions)
     torch_device = parse_device(device)
     if input_dir is not None and not Path(input_dir).exists():
         raise InputImageError(f"Input {input_dir} does not exist.")
     bundle = Bundle.load(bundle_path)
     selected = bundle.resolve_folds(list(folds) if folds else None)
-    representatives = latency_folds(bundle, selected)
-    input_shape = (bundle.num_input_channels, *bundle.patch_size)
+    plan = _BenchPlan(
+        bundle=bundle, selected=selected, representatives=latency_folds(bundle, selected),
+        input_shape=(bundle.num_input_channels, *bundle.patch_size), sizes_to_time=sizes_to_time,
+        warmup=warmup, repeats=repeats, seed=seed, device=device, torch_device=torch_device,
+        input_dir=input_dir, use_mirroring=use_mirroring, step_size=step_size, e2e_batch_size=e2e_batch_size,
+    )
 
-    results: list[BackendBench] = []
     pairs = [(b, p) for b in chosen_backends for p in chosen_precisions]
-    for backend, precision in tqdm(pairs, desc="bench", unit="backend", disable=not progress):
-        skip = _skip_reason(backend, precision, torch_device)
-        if skip is None:
-            try:
-                factory, reason = select_backend(backend, bundle, precision, torch_device, selected,
-                                                 tile_source=input_dir)
-            except TuckerExportError as error:
-                skip = str(error)
-        if skip is not None:
-            logger.info("Skipping %s %s: %s", backend, precision, skip)
-            results.append(BackendBench(backend, precision, "skipped", skip))
-            continue
-        entry = BackendBench(backend, precision, "measured", reason)
-        for fold, members in representatives.items():
-            load_before = _loadavg()
-            with PeakMemory(torch_device) as probe:
-                with factory(fold) as runner:
-                    entry.runtime = _runtime_description(runner)
-                    stats = latency(runner, input_shape, batch_sizes=sizes_to_time, warmup=warmup,
-                                    repeats=repeats, seed=seed)
-                    probe.sample_gpu()
-            entry.folds.append(FoldLatency(
-                fold=str(fold), same_structure=[str(m) for m in members], latency=list(stats.values()),
-                memory=probe.result, loadavg_1min={"before": load_before, "after": _loadavg()},
-            ))
-            logger.info(
-                "%s %s fold %s: %s", backend, precision, fold,
-                ", ".join(f"batch {b} {1e3 * s.median_s:.1f} ms" for b, s in stats.items()),
-            )
-        if input_dir is not None:
-            entry.end_to_end, _ = end_to_end(
-                input_dir, bundle_path=bundle.path, backend=backend, precision=precision, folds=selected,
-                device=device, use_mirroring=use_mirroring, step_size=step_size, batch_size=e2e_batch_size,
-            )
-        results.append(entry)
-
+    results = [_bench_pair(plan, backend, precision)
+               for backend, precision in tqdm(pairs, desc="bench", unit="backend", disable=not progress)]
     return BenchReport(
         bundle=str(bundle.path.resolve()),
         created=utc_now(),
-        settings={
-            "backends": chosen_backends, "precisions": list(chosen_precisions), "batch_sizes": list(sizes_to_time),
-            "warmup": warmup, "repeats": repeats, "seed": seed, "device": str(torch_device),
-            "folds": [str(f) for f in selected], "input_shape": list(input_shape),
-            "input": str(input_dir) if input_dir is not None else None,
-            "end_to_end": {"mirroring": use_mirroring, "step_size": step_size, "batch_size": e2e_batch_size}
-            if input_dir is not None else None,
-        },
+        settings=_bench_settings(plan, chosen_backends, chosen_precisions),
         environment=environment(),
-        model={
-            "patch_size": list(bundle.patch_size),
-            "num_input_channels": bundle.num_input_channels,
-            "num_segmentation_heads": bundle.num_segmentation_heads,
-            "label_names": bundle.label_names,
-            "rank_policy": bundle.rank_policy,
-            "source": bundle.source.get("model_dir"),
-        },
-        compute=compute_figures(bundle.manifest),
+        model=_model_description(bundle),
+        compute=compute_figures(bundle),
         sizes=artifact_sizes(bundle),
         results=results,
     )
+
+
+def _bench_backends(backends: Sequence[str]) -> list[str]:
+    """The named backends, normalized, in order, each once; ``auto`` is refused (it is no one backend)."""
+    from tucker_export.engines.selection import normalize_backend
+
+    chosen: list[str] = []
+    for name in backends:
+        backend = normalize_backend(name)
+        if backend == "auto":
+            raise ConfigurationError("bench measures named backends; choose from torch, ort, openvino, trt (not auto).")
+        if backend not in chosen:
+            chosen.append(backend)
+    if not chosen:
+        raise ConfigurationError("At least one backend is needed (torch, ort, openvino or trt).")
+    return chosen
+
+
+def _bench_pair(plan: _BenchPlan, backend: str, precision: str) -> BackendBench:
+    """One backend at one precision: latency per representative fold and, with an input, end to end."""
+    from tucker_export.engines.selection import select_backend
+
+    skip = _skip_reason(backend, precision, plan.torch_device)
+    if skip is None:
+        try:
+            factory, reason = select_backend(backend, plan.bundle, precision, plan.torch_device, plan.selected,
+                                             tile_source=plan.input_dir)
+        except TuckerExportError as error:
+            # A backend this machine cannot run is a result to report, not a reason to stop the bench.
+            skip = str(error)
+    if skip is not None:
+        logger.info("Skipping %s %s: %s", backend, precision, skip)
+        return BackendBench(backend, precision, "skipped", skip)
+    entry = BackendBench(backend, precision, "measured", reason)
+    for fold, members in plan.representatives.items():
+        entry.folds.append(_fold_latency(plan, entry, factory, fold, members))
+    if plan.input_dir is not None:
+        entry.end_to_end, _ = end_to_end(
+            plan.input_dir, bundle_path=plan.bundle.path, backend=backend, precision=precision, folds=plan.selected,
+            device=plan.device, use_mirroring=plan.use_mirroring, step_size=plan.step_size,
+            batch_size=plan.e2e_batch_size,
+        )
+    return entry
+
+
+def _fold_latency(
+    plan: _BenchPlan, entry: BackendBench, factory: Any, fold: Fold, members: list[Fold],
+) -> FoldLatency:
+    """Time ``fold``'s engine at every batch size; sets ``entry.runtime`` to what actually ran."""
+    load_before = loadavg()
+    with PeakMemory(plan.torch_device) as probe:
+        with factory(fold) as runner:
+            entry.runtime = _runtime_description(runner)
+            stats = latency(runner, plan.input_shape, batch_sizes=plan.sizes_to_time, warmup=plan.warmup,
+                            repeats=plan.repeats, seed=plan.seed)
+            # GPU memory is sampled while the engine is still open: closing it frees what it held.
+            probe.sample_gpu()
+    measured = FoldLatency(
+        fold=str(fold), same_structure=[str(m) for m in members], latency=list(stats.values()),
+        memory=probe.result, loadavg_1min={"before": load_before, "after": loadavg()},
+    )
+    logger.info(
+        "%s %s fold %s: %s", entry.backend, entry.precision, fold,
+        ", ".join(f"batch {b} {1e3 * s.median_s:.1f} ms" for b, s in stats.items()),
+    )
+    return measured
+
+
+def _bench_settings(plan: _BenchPlan, backends: list[str], precisions: tuple[str, ...]) -> dict[str, Any]:
+    """The report's ``settings``: what was asked for, after normalization."""
+    return {
+        "backends": backends, "precisions": list(precisions), "batch_sizes": list(plan.sizes_to_time),
+        "warmup": plan.warmup, "repeats": plan.repeats, "seed": plan.seed, "device": str(plan.torch_device),
+        "folds": [str(f) for f in plan.selected], "input_shape": list(plan.input_shape),
+        "input": str(plan.input_dir) if plan.input_dir is not None else None,
+        "end_to_end": {"mirroring": plan.use_mirroring, "step_size": plan.step_size,
+                       "batch_size": plan.e2e_batch_size}
+        if plan.input_dir is not None else None,
+    }
+
+
+def _model_description(bundle: Bundle) -> dict[str, Any]:
+    """The report's ``model``: the network's input, outputs and how it was decomposed."""
+    return {
+        "patch_size": list(bundle.patch_size),
+        "num_input_channels": bundle.num_input_channels,
+        "num_segmentation_heads": bundle.num_segmentation_heads,
+        "label_names": bundle.label_names,
+        "rank_policy": bundle.rank_policy,
+        "source": bundle.source.get("model_dir"),
+    }
 
 
 # ---- text tables --------------------------------------------------------------------------------

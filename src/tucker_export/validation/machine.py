@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _loadavg() -> float | None:
+def loadavg() -> float | None:
     try:
         return round(os.getloadavg()[0], 2)
     except OSError:  # pragma: no cover - not available on this platform
@@ -31,7 +31,7 @@ def environment() -> dict[str, Any]:
 
     from tucker_export._env import package_versions
     from tucker_export.engines.keys import cuda_devices
-    from tucker_export.engines.runners import physical_cores
+    from tucker_export.runtimes import physical_cores
 
     versions = package_versions(("tucker-export", "torch", "onnxruntime", "onnxruntime-gpu", "tensorrt", "openvino",
                                  "nncf", "nnunetv2", "numpy"), missing=None)
@@ -49,13 +49,13 @@ def environment() -> dict[str, Any]:
         "physical_cores": physical_cores(),
         "torch_threads": torch.get_num_threads(),
         "onnxruntime_threads": physical_cores(),
-        "loadavg_1min": _loadavg(),
+        "loadavg_1min": loadavg(),
         "versions": versions,
         "cuda_devices": gpus,
     }
 
 
-def _busy_cpu_seconds() -> float | None:
+def busy_cpu_seconds() -> float | None:
     """CPU seconds the whole machine has spent busy since boot (user, nice, system, irq, softirq, steal)."""
     try:
         fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
@@ -72,27 +72,81 @@ def _own_cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+class _DescendantSampler:
+    """The last CPU time seen of every descendant process, sampled from /proc every 0.2 s.
+
+    Daemons a benchmark starts but does not wait for (Ray's GCS, raylet and actors) never reach
+    RUSAGE_CHILDREN; without this their CPU time would count as other processes' load.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self.cpu_by_pid: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        while not self._stop.wait(0.2):
+            parents: dict[int, int] = {}
+            cpu: dict[int, float] = {}
+            for stat in Path("/proc").glob("[0-9]*/stat"):
+                try:
+                    fields = stat.read_text().rsplit(")", 1)[1].split()
+                except (OSError, IndexError):
+                    continue
+                pid = int(stat.parent.name)
+                parents[pid] = int(fields[1])
+                cpu[pid] = (int(fields[11]) + int(fields[12])) / tick
+            me = os.getpid()
+            for pid in cpu:
+                ancestor, hops = parents.get(pid), 0
+                while ancestor not in (None, 0, 1, me) and hops < 64:
+                    ancestor, hops = parents.get(ancestor), hops + 1
+                if ancestor == me:
+                    self.cpu_by_pid[pid] = cpu[pid]
+
+    def stop(self) -> float:
+        """CPU seconds of every descendant seen, finished or not."""
+        self._stop.set()
+        self._thread.join()
+        return sum(self.cpu_by_pid.values())
+
+
 class MachineWatch:
     """How busy the machine was with *other* work while a benchmark ran.
 
     The load average at the end counts the benchmark's own threads (a 2-thread benchmark on 2 cores
     ends near 2), so it cannot tell a quiet run from a loaded one. The CPU time the machine spent
     minus the benchmark's own (this process and its children) can: that is what others used.
+    With ``count_descendants`` every process of this one's tree counts as its own, also those it
+    never waits for (see ``_DescendantSampler``).
     """
 
-    def __init__(self) -> None:
-        self.load_start = _loadavg()
-        self.busy_start = _busy_cpu_seconds()
+    def __init__(self, *, count_descendants: bool = False) -> None:
+        self.load_start = loadavg()
+        self.busy_start = busy_cpu_seconds()
         self.own_start = _own_cpu_seconds()
         self.wall_start = time.perf_counter()
+        self._descendants = _DescendantSampler() if count_descendants else None
+
+    def _own_since_start(self) -> float:
+        if self._descendants is None:
+            return _own_cpu_seconds() - self.own_start
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        # The sampler saw every child (waited for or not), so RUSAGE_CHILDREN would count them twice.
+        return self._descendants.stop() + own.ru_utime + own.ru_stime - self.own_start
 
     def verdict(self) -> dict[str, Any]:
         wall = time.perf_counter() - self.wall_start
-        busy_end = _busy_cpu_seconds()
+        own = self._own_since_start()
+        busy_end = busy_cpu_seconds()
         others = None
         if self.busy_start is not None and busy_end is not None:
-            others = max(0.0, (busy_end - self.busy_start) - (_own_cpu_seconds() - self.own_start))
-        return quiet_verdict(self.load_start, _loadavg(), others_cpu_s=others, wall_s=wall)
+            others = max(0.0, (busy_end - self.busy_start) - own)
+        return quiet_verdict(self.load_start, loadavg(), others_cpu_s=others, wall_s=wall)
 
 
 QUIET_OTHERS_FRACTION = 0.10

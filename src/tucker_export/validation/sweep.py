@@ -20,6 +20,7 @@ import logging
 import math
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,8 @@ from tucker_export.validation.sweep_report import SweepReport, SweepRow, plot_sw
 from tucker_export.validation.timing import LatencyStats, interleaved_latency
 
 if TYPE_CHECKING:
+    import torch
+
     from tucker_export.bundle import Bundle
     from tucker_export.nnunet.loading import Fold
 
@@ -59,14 +62,14 @@ def parse_rank_factors(value: str | Sequence[float]) -> tuple[float, ...]:
             factor = float(part)
         except (TypeError, ValueError):
             raise ConfigurationError(
-                f"Rank factor {part!r} is not a number (e.g. --sweep-rank-factor 0.9,0.7,0.5)."
+                f"Rank factor {part!r} is not a number (e.g. 0.9,0.7,0.5).", option="rank_factors"
             ) from None
         if not (math.isfinite(factor) and 0 < factor <= 1):
             raise ConfigurationError(f"Rank factors must lie in (0, 1], got {part}.")
         if factor not in factors:
             factors.append(factor)
     if not factors:
-        raise ConfigurationError("At least one rank factor is needed (e.g. --sweep-rank-factor 0.9,0.7,0.5).")
+        raise ConfigurationError("At least one rank factor is needed (e.g. 0.9,0.7,0.5).", option="rank_factors")
     return tuple(factors)
 
 
@@ -100,6 +103,36 @@ def _mean_over_cases(per_case: Mapping[str, Mapping[str, Any]], key: str, metric
 
 def _slug(factor: float | None) -> str:
     return BASELINE_LABEL if factor is None else f"rank-{factor:g}"
+
+
+@dataclass(frozen=True)
+class _SweepOptions:
+    """Every option of one sweep, checked and normalized: what ``sweep_rank_factors`` runs with."""
+
+    model_dir: Path
+    factors: tuple[float, ...]
+    work_dir: Path
+    images_dir: Path
+    labels_dir: Path | None
+    backend: str
+    precision: str
+    selected: tuple[Fold, ...]
+    use_mirroring: bool
+    step_size: float
+    inference_batch_size: int
+    case_repeats: int
+    device: str
+    torch_device: torch.device
+    sizes_to_time: tuple[int, ...]
+    warmup: int
+    repeats: int
+    interleave: bool
+    round_to: int
+    nsd_tolerance_mm: float
+    seed: int
+    title: str | None
+    progress: bool
+    trust_checkpoint: bool
 
 
 def sweep_rank_factors(
@@ -145,18 +178,48 @@ def sweep_rank_factors(
     Writes ``json_path`` and ``plot_path`` (PNG) when given. Raises before any work when an option
     cannot be honoured (unknown backend, missing folder, TensorRT without a GPU).
     """
-    from tucker_export.bundle import utc_now
+    # ---- check everything before the first long step (the order decides which error a user sees first)
+    chosen_factors = parse_rank_factors(factors)
+    _check_counts(warmup, repeats)
+    _check_case_repeats(case_repeats)
+    sizes_to_time = parse_batch_sizes(batch_sizes)
+    backend, precision, torch_device = _sweep_engine(backend, precision, device)
+    model_path, selected = _sweep_model_folds(model_dir, folds)
+    images_path, labels_path = _sweep_input_folders(images_dir, labels_dir)
+    options = _SweepOptions(
+        model_dir=model_path, factors=chosen_factors, work_dir=Path(work_dir), images_dir=images_path,
+        labels_dir=labels_path, backend=backend, precision=precision, selected=selected,
+        use_mirroring=use_mirroring, step_size=step_size, inference_batch_size=inference_batch_size,
+        case_repeats=case_repeats, device=device, torch_device=torch_device, sizes_to_time=sizes_to_time,
+        warmup=warmup, repeats=repeats, interleave=interleave, round_to=round_to,
+        nsd_tolerance_mm=nsd_tolerance_mm, seed=seed, title=title, progress=progress,
+        trust_checkpoint=trust_checkpoint,
+    )
+    report = _run_sweep(options)
+    if json_path is not None:
+        write_json_atomic(json_path, report.to_dict())
+    if plot_path is not None:
+        plot_sweep(report, plot_path, title=title)
+    return report
+
+
+def _check_case_repeats(case_repeats: int) -> None:
+    # bool is an int subclass: True would silently mean one repeat.
+    if isinstance(case_repeats, bool) or not isinstance(case_repeats, int) or case_repeats < 1:
+        raise ConfigurationError(
+            f"The case repeats must be an integer >= 1, got {case_repeats!r}.", option="case_repeats"
+        )
+
+
+def _sweep_engine(backend: str, precision: str, device: str) -> tuple[str, str, torch.device]:
+    """The one named backend and precision the sweep compares every row with, and the torch device.
+
+    TensorRT is checked here, before any decomposition: without it (or a GPU) the sweep could not finish.
+    """
     from tucker_export.engines.selection import normalize_backend
     from tucker_export.exporter.onnx_export import normalize_precisions
     from tucker_export.inference import parse_device
-    from tucker_export.nnunet.loading import available_folds, parse_fold
 
-    # ---- check everything before the first long step
-    chosen_factors = parse_rank_factors(factors)
-    _check_counts(warmup, repeats)
-    if isinstance(case_repeats, bool) or not isinstance(case_repeats, int) or case_repeats < 1:
-        raise ConfigurationError(f"--case-repeats must be an integer >= 1, got {case_repeats!r}.")
-    sizes_to_time = parse_batch_sizes(batch_sizes)
     backend = normalize_backend(backend)
     if backend == "auto":
         raise ConfigurationError("A sweep compares one named backend; choose torch, ort or trt (not auto).")
@@ -171,6 +234,13 @@ def sweep_rank_factors(
         from tucker_export.engines.build import require_tensorrt_and_cuda
 
         require_tensorrt_and_cuda()
+    return backend, precision, torch_device
+
+
+def _sweep_model_folds(model_dir: str | Path, folds: Sequence[Fold] | None) -> tuple[Path, tuple[Fold, ...]]:
+    """The model folder and the folds to sweep (``None``: every fold with a checkpoint)."""
+    from tucker_export.nnunet.loading import available_folds, parse_fold
+
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelFolderError(f"Model folder {model_dir} does not exist.")
@@ -182,70 +252,84 @@ def sweep_rank_factors(
             f"Model {model_dir} has no checkpoint for fold(s) {', '.join(map(str, missing)) or '(none)'} "
             f"(folds found: {', '.join(map(str, model_folds)) or 'none'})."
         )
-    images_dir = Path(images_dir)
-    if not images_dir.exists():
-        raise InputImageError(f"Input {images_dir} does not exist.")
-    labels_dir = Path(labels_dir) if labels_dir is not None else None
-    if labels_dir is not None and not labels_dir.is_dir():
-        raise InputImageError(f"Labels folder {labels_dir} does not exist.")
-    work_dir = Path(work_dir)
+    return model_dir, selected
 
-    plan: list[float | None] = [None, *chosen_factors]
+
+def _sweep_input_folders(images_dir: str | Path, labels_dir: str | Path | None) -> tuple[Path, Path | None]:
+    """The images to segment and the optional ground-truth labels folder, both checked to exist."""
+    images = Path(images_dir)
+    if not images.exists():
+        raise InputImageError(f"Input {images} does not exist.")
+    labels = Path(labels_dir) if labels_dir is not None else None
+    if labels is not None and not labels.is_dir():
+        raise InputImageError(f"Labels folder {labels} does not exist.")
+    return images, labels
+
+
+def _run_sweep(options: _SweepOptions) -> SweepReport:
+    """Steps 1-4 of the sweep (bundles, latency, segmentations, comparison) and the report."""
+    from tucker_export.bundle import utc_now
+
+    plan: list[float | None] = [None, *options.factors]
     label_of = {f: BASELINE_LABEL if f is None else f"{f:g}" for f in plan}
     watch = MachineWatch()
 
     bundles, spec, file_ending, found, cases = _sweep_bundles(
-        plan, label_of, model_dir=model_dir, work_dir=work_dir, selected=selected, round_to=round_to,
-        trust_checkpoint=trust_checkpoint, images_dir=images_dir, backend=backend, precision=precision,
-        progress=progress,
+        plan, label_of, model_dir=options.model_dir, work_dir=options.work_dir, selected=options.selected,
+        round_to=options.round_to, trust_checkpoint=options.trust_checkpoint, images_dir=options.images_dir,
+        backend=options.backend, precision=options.precision, progress=options.progress,
     )
     foreground = [label for label in sorted(spec.label_names) if label != 0]
     names = {label: str(spec.label_names[label]) for label in foreground}
     structures = [names[label] for label in foreground]
 
-    latency_fold = selected[0]
+    latency_fold = options.selected[0]
     input_shape = (spec.num_input_channels, *spec.patch_size)
     timings = _sweep_latency(
-        plan, label_of, bundles, backend=backend, precision=precision, torch_device=torch_device,
-        latency_fold=latency_fold, input_shape=input_shape, interleave=interleave, sizes_to_time=sizes_to_time,
-        warmup=warmup, repeats=repeats, seed=seed, progress=progress,
+        plan, label_of, bundles, backend=options.backend, precision=options.precision,
+        torch_device=options.torch_device, latency_fold=latency_fold, input_shape=input_shape,
+        interleave=options.interleave, sizes_to_time=options.sizes_to_time, warmup=options.warmup,
+        repeats=options.repeats, seed=options.seed, progress=options.progress,
     )
     seg_dirs, e2e = _sweep_segmentations(
-        plan, label_of, bundles, found, work_dir=work_dir, images_dir=images_dir, backend=backend,
-        precision=precision, selected=selected, device=device, use_mirroring=use_mirroring, step_size=step_size,
-        inference_batch_size=inference_batch_size, case_repeats=case_repeats, progress=progress,
+        plan, label_of, bundles, found, work_dir=options.work_dir, images_dir=options.images_dir,
+        backend=options.backend, precision=options.precision, selected=options.selected, device=options.device,
+        use_mirroring=options.use_mirroring, step_size=options.step_size,
+        inference_batch_size=options.inference_batch_size, case_repeats=options.case_repeats,
+        progress=options.progress,
     )
     rows = _sweep_rows(
         plan, label_of, bundles, cases, seg_dirs=seg_dirs, e2e=e2e, timings=timings, file_ending=file_ending,
-        labels_dir=labels_dir, foreground=foreground, names=names, structures=structures,
-        nsd_tolerance_mm=nsd_tolerance_mm, latency_fold=latency_fold, precision=precision,
+        labels_dir=options.labels_dir, foreground=foreground, names=names, structures=structures,
+        nsd_tolerance_mm=options.nsd_tolerance_mm, latency_fold=latency_fold, precision=options.precision,
     )
-
-    report = SweepReport(
-        model_dir=str(model_dir.resolve()),
+    return SweepReport(
+        model_dir=str(options.model_dir.resolve()),
         created=utc_now(),
-        settings={
-            "factors": list(chosen_factors), "rank_mode": "relative", "round_to": round_to,
-            "backend": backend, "precision": precision, "device": str(torch_device),
-            "folds": [str(f) for f in selected], "latency_fold": str(latency_fold),
-            "latency_batch_sizes": list(sizes_to_time), "warmup": warmup, "repeats": repeats, "seed": seed,
-            "interleaved": interleave, "input_shape": list(input_shape),
-            "images": str(images_dir), "labels": str(labels_dir) if labels_dir else None,
-            "mirroring": use_mirroring, "tta": "on" if use_mirroring else "off",
-            "step_size": step_size, "inference_batch_size": inference_batch_size, "case_repeats": case_repeats,
-            "nsd_tolerance_mm": nsd_tolerance_mm, "title": title,
-        },
+        settings=_sweep_settings(options, latency_fold=latency_fold, input_shape=input_shape),
         environment=environment(),
         structures=structures,
         cases=cases,
         rows=rows,
         machine_load=watch.verdict(),
     )
-    if json_path is not None:
-        write_json_atomic(json_path, report.to_dict())
-    if plot_path is not None:
-        plot_sweep(report, plot_path, title=title)
-    return report
+
+
+def _sweep_settings(options: _SweepOptions, *, latency_fold: Fold, input_shape: tuple[int, ...]) -> dict[str, Any]:
+    """The report's ``settings``: every option the sweep ran with, after normalization."""
+    return {
+        "factors": list(options.factors), "rank_mode": "relative", "round_to": options.round_to,
+        "backend": options.backend, "precision": options.precision, "device": str(options.torch_device),
+        "folds": [str(f) for f in options.selected], "latency_fold": str(latency_fold),
+        "latency_batch_sizes": list(options.sizes_to_time), "warmup": options.warmup,
+        "repeats": options.repeats, "seed": options.seed,
+        "interleaved": options.interleave, "input_shape": list(input_shape),
+        "images": str(options.images_dir), "labels": str(options.labels_dir) if options.labels_dir else None,
+        "mirroring": options.use_mirroring, "tta": "on" if options.use_mirroring else "off",
+        "step_size": options.step_size, "inference_batch_size": options.inference_batch_size,
+        "case_repeats": options.case_repeats,
+        "nsd_tolerance_mm": options.nsd_tolerance_mm, "title": options.title,
+    }
 
 
 def _sweep_bundles(
@@ -256,34 +340,29 @@ def _sweep_bundles(
     """Step 1 of the sweep: the bundles, their spec, file ending, cases found and case names."""
     from tqdm.auto import tqdm
 
-    from tucker_export.bundle import Bundle
-    from tucker_export.exporter.decompose import decompose_model
-    from tucker_export.exporter.onnx_export import export_bundle
     from tucker_export.exporter.ranks import RankPolicy
     from tucker_export.nnunet.cases import discover_cases
+    from tucker_export.pipeline import prepare_bundle
 
-    # ---- 1. bundles (and exports / engines) for every row; the original's first, so that the
-    # model description (from its checkpoint) checks the images before the long steps.
+    # ---- 1. bundles (and exports / engines) for every row. The original's bundle comes first and
+    # without exports, so that its model description checks the images before the long steps.
+    def policy_of(factor: float | None) -> RankPolicy:
+        return RankPolicy(mode="none") if factor is None else RankPolicy(mode="relative", factor=factor, round_to=round_to)
+
+    spec = prepare_bundle(model_dir, work_dir / "bundles" / _slug(None), policy=policy_of(None), folds=selected,
+                          trust_checkpoint=trust_checkpoint).bundle.spec
+    file_ending = spec.dataset_json["file_ending"]
+    found = discover_cases(images_dir, num_channels=spec.num_input_channels, file_ending=file_ending)
+    cases = [c.name for c in found]
     bundles: dict[float | None, Bundle] = {}
     bar = tqdm(plan, desc="sweep: decompose+export", unit="row", disable=not progress)
     for factor in bar:
         bar.set_postfix_str(label_of[factor])
-        policy = RankPolicy(mode="none") if factor is None else RankPolicy(mode="relative", factor=factor, round_to=round_to)
-        target = work_dir / "bundles" / _slug(factor)
-        bundle = decompose_model(model_dir, target, folds=list(selected), policy=policy, overwrite=True,
-                                 progress=False, trust_checkpoint=trust_checkpoint)
-        if factor is None:
-            spec = bundle.spec
-            file_ending = spec.dataset_json["file_ending"]
-            found = discover_cases(images_dir, num_channels=spec.num_input_channels, file_ending=file_ending)
-            cases = [c.name for c in found]
-        if backend in ("ort", "trt"):
-            export_bundle(bundle, precisions=(precision,), folds=list(selected), progress=False)
-        if backend == "trt":
-            from tucker_export.engines.build import build_engines
-
-            build_engines(bundle, precisions=(precision,), folds=list(selected), progress=False)
-        bundles[factor] = Bundle.load(target)
+        bundles[factor] = prepare_bundle(
+            model_dir, work_dir / "bundles" / _slug(factor), policy=policy_of(factor), folds=selected,
+            precisions=(precision,) if backend in ("ort", "trt") else (), engines=("trt",) if backend == "trt" else (),
+            reuse=factor is None, trust_checkpoint=trust_checkpoint,
+        ).bundle
     return bundles, spec, file_ending, found, cases
 
 
@@ -426,7 +505,7 @@ def _sweep_rows(
         total = e2e[label].summary.get("total_sum_s")
         speedup["end_to_end_network"] = baseline_network / network if baseline_network and network else None
         speedup["end_to_end_total"] = baseline_total / total if baseline_total and total else None
-        compute = compute_figures(bundle.manifest)[str(latency_fold)]
+        compute = compute_figures(bundle)[str(latency_fold)]
         # The original's "before" counts are the reference of every row's ratio (they are equal by construction).
         speedup["macs_bound"] = compute.get("macs_speedup_bound")
         onnx_entry = bundle.onnx_entries().get(onnx_key(latency_fold, precision))

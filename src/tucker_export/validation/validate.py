@@ -19,15 +19,21 @@ import contextlib
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
 from tucker_export._io import write_json_atomic
 from tucker_export.errors import BundleError, ConfigurationError, InputImageError
+from tucker_export.exporter.rebuild import build_network
 from tucker_export.nnunet.loading import Fold, ModelSpec
-from tucker_export.nnunet.predictor import sliding_window_tiles
+from tucker_export.nnunet.predictor import FoldModel, sliding_window_tiles
+from tucker_export.runtimes import torch_callable
+
+if TYPE_CHECKING:
+    from tucker_export.nnunet.cases import Case
+    from tucker_export.nnunet.predictor import EnginePredictor
 
 logger = logging.getLogger(__name__)
 
@@ -88,26 +94,19 @@ def _open_reference(
     device: torch.device,
 ) -> dict[Fold, torch.nn.Module]:
     if against == "decomposed":
-        return {f: bundle.build_network(f).to(device).eval() for f in folds}
+        return {f: build_network(bundle, f).to(device).eval() for f in folds}
     from tucker_export.nnunet.loading import load_trained_model
 
     source = Path(reference_model or bundle.source["model_dir"])
     if not source.is_dir():
         raise BundleError(
-            f"The original model folder {source} recorded in the bundle is not here; pass --reference-model DIR "
-            f"or validate --against decomposed."
+            f"The original model folder {source} recorded in the bundle is not here: give the model folder, "
+            f"or compare against the decomposed network",
+            option="reference_model",
         )
     loaded = load_trained_model(source, list(folds), checkpoint_name=bundle.source.get("checkpoint_name")
                                 or "checkpoint_final.pth")
     return {f: n.to(device).eval() for f, n in loaded.networks.items()}
-
-
-def _callable(network: torch.nn.Module):
-    def run(batch: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return network(batch)
-
-    return run
 
 
 def _segmentation(predictor, spec: ModelSpec, logits: torch.Tensor, properties: dict) -> np.ndarray:
@@ -125,6 +124,33 @@ def _read_labels(labels_dir: Path, case: str, file_ending: str) -> np.ndarray | 
 
     path = labels_dir / f"{case}{file_ending}"
     return read_label_map(path) if path.is_file() else None
+
+
+@dataclass(frozen=True)
+class _CaseChecks:
+    """What every case is compared with and checked against."""
+
+    spec: ModelSpec
+    folds: tuple[Fold, ...]
+    foreground: list[int]
+    file_ending: str
+    labels_dir: Path | None
+    min_dice: float | None
+    nsd_tolerance_mm: float
+    parity_tiles: int
+    device: torch.device
+
+
+@dataclass
+class _Sides:
+    """The engine and the PyTorch reference, per fold and as full nnU-Net predictors."""
+
+    engine_models: dict[Fold, FoldModel]
+    reference_models: dict[Fold, FoldModel]
+    predictors: dict[str, EnginePredictor]  # "engine" and "reference"
+    backend_name: str
+    backend_reason: str
+    precision: str  # with `auto` resolved
 
 
 def validate_bundle(
@@ -152,102 +178,36 @@ def validate_bundle(
     from tqdm import tqdm
 
     from tucker_export.bundle import Bundle
-    from tucker_export.engines.selection import open_runners
-    from tucker_export.errors import BrokenScanError
-    from tucker_export.inference import parse_device, runner_fold_model
+    from tucker_export.inference import parse_device
     from tucker_export.nnunet.cases import discover_cases
-    from tucker_export.nnunet.predictor import EnginePredictor
-    from tucker_export.nnunet.reading import preprocess_case
-    from tucker_export.validation.metrics import compute_class_metrics, summarize
 
-    if against not in ("original", "decomposed"):
-        raise ConfigurationError(f"--against must be 'original' or 'decomposed', got {against!r}.")
-    if min_dice is not None and min_dice < 0:
-        raise ConfigurationError(f"--min-dice must be >= 0, got {min_dice}.")
-    if max_abs_logit is not None and max_abs_logit < 0:
-        raise ConfigurationError(f"--max-abs-logit must be >= 0, got {max_abs_logit}.")
-    labels_dir = Path(labels_dir) if labels_dir is not None else None
-    if labels_dir is not None and not labels_dir.is_dir():
-        raise InputImageError(f"Labels folder {labels_dir} does not exist.")
+    labels_dir = _checked_options(against, min_dice, max_abs_logit, labels_dir)
     torch_device = parse_device(device)
     bundle = Bundle.load(bundle_path)
     spec = bundle.spec
     selected = bundle.resolve_folds(folds)
     file_ending = spec.dataset_json["file_ending"]
     cases = discover_cases(input_path, num_channels=spec.num_input_channels, file_ending=file_ending)
-    foreground = [label for label in spec.label_names if label != 0]
+    checks = _CaseChecks(spec, selected, [label for label in spec.label_names if label != 0], file_ending,
+                         labels_dir, min_dice, nsd_tolerance_mm, parity_tiles, torch_device)
 
     failures: list[str] = []
     parity = {str(f): FoldParity(str(f)) for f in selected}
     case_reports: dict[str, dict[str, Any]] = {}
     with contextlib.ExitStack() as stack:
-        runners, backend_name, reason = open_runners(
-            stack, bundle, backend=backend, precision=precision, folds=selected, device=torch_device,
-            tile_source=input_path,
-        )
-        precision = next(iter(runners.values())).precision if runners else precision  # `auto` resolved
-        engine_models = {f: runner_fold_model(r, torch_device) for f, r in runners.items()}
-        reference_models = {f: _callable(n) for f, n in
-                            _open_reference(stack, bundle, against, selected, reference_model, torch_device).items()}
-        predictors = {}
-        for name, models in (("engine", engine_models), ("reference", reference_models)):
-            predictor = EnginePredictor(tile_step_size=step_size, use_mirroring=use_mirroring,
-                                        batch_size=batch_size, device=torch_device, allow_tqdm=False)
-            predictor.initialize(spec, models)
-            predictors[name] = predictor
-
+        sides = _open_sides(stack, bundle, checks, backend=backend, precision=precision, against=against,
+                            reference_model=reference_model, tile_source=input_path, step_size=step_size,
+                            use_mirroring=use_mirroring, batch_size=batch_size)
         for case in tqdm(cases, desc="validating", unit="case", disable=not progress):
-            try:
-                prepared = preprocess_case(case, spec)
-            except BrokenScanError as error:
-                failures.append(f"case {case.name}: {error}")
-                continue
-            data, properties = prepared.data, prepared.properties
-            data_tensor = torch.from_numpy(data)
-            tiles = sliding_window_tiles(predictors["engine"], data_tensor, parity_tiles).to(torch_device)
-            for fold in selected:
-                engine_out = torch.cat([engine_models[fold](t[None]) for t in tiles])
-                reference_out = torch.cat([reference_models[fold](t[None]) for t in tiles])
-                parity[str(fold)].add(engine_out.cpu(), reference_out.cpu())
-            segs = {}
-            for name, predictor in predictors.items():
-                logits = predictor.predict_logits_from_preprocessed_data(data_tensor).cpu()
-                segs[name] = _segmentation(predictor, spec, logits, properties)
-            spacing = [float(s) for s in properties["spacing"]]
-            versus_reference = compute_class_metrics(segs["engine"], segs["reference"], foreground, spacing,
-                                                     nsd_tolerance_mm=nsd_tolerance_mm)
-            report: dict[str, Any] = {
-                "spacing": spacing,
-                "engine_vs_reference": {str(k): v.to_dict() for k, v in versus_reference.items()},
-                "engine_vs_reference_summary": summarize(versus_reference),
-            }
-            for label, metrics in versus_reference.items():
-                if min_dice is not None and metrics.status != "absent" and (metrics.dice or 0.0) < min_dice:
-                    failures.append(
-                        f"case {case.name}, class {label} ({spec.label_names[label]}): Dice engine vs reference "
-                        f"{metrics.dice:.4f} < {min_dice} ({metrics.status})"
-                    )
-            truth = _read_labels(labels_dir, case.name, file_ending) if labels_dir is not None else None
-            if labels_dir is not None and truth is None:
-                failures.append(f"case {case.name}: no reference label file {case.name}{file_ending} in {labels_dir}")
-            elif truth is not None:
-                for name in ("engine", "reference"):
-                    versus_truth = compute_class_metrics(segs[name], truth, foreground, spacing,
-                                                         nsd_tolerance_mm=nsd_tolerance_mm)
-                    report[f"{name}_vs_truth"] = {str(k): v.to_dict() for k, v in versus_truth.items()}
-                    report[f"{name}_vs_truth_summary"] = summarize(versus_truth)
-            case_reports[case.name] = report
+            report = _validate_case(case, sides, checks, parity, failures)
+            if report is not None:
+                case_reports[case.name] = report
 
-    for fold_parity in parity.values():
-        if fold_parity.nonfinite:
-            failures.append(f"fold {fold_parity.fold}: {fold_parity.nonfinite} NaN/Inf logits from the engine")
-        if max_abs_logit is not None and fold_parity.max_abs > max_abs_logit:
-            failures.append(
-                f"fold {fold_parity.fold}: max abs logit difference {fold_parity.max_abs:.3g} > {max_abs_logit}"
-            )
+    failures.extend(_parity_failures(parity, max_abs_logit))
     summary = _overall_summary(case_reports)
     result = ValidationReport(
-        bundle=str(bundle.path), backend=backend_name, backend_reason=reason, precision=precision, against=against,
+        bundle=str(bundle.path), backend=sides.backend_name, backend_reason=sides.backend_reason,
+        precision=sides.precision, against=against,
         folds=[str(f) for f in selected],
         settings={"step_size": step_size, "mirroring": use_mirroring, "batch_size": batch_size, "device": str(device),
                   "nsd_tolerance_mm": nsd_tolerance_mm, "parity_tiles": parity_tiles, "min_dice": min_dice,
@@ -260,6 +220,124 @@ def validate_bundle(
     if report_path is not None:
         write_json_atomic(report_path, result.to_dict())
     return result
+
+
+def _checked_options(
+    against: str, min_dice: float | None, max_abs_logit: float | None, labels_dir: str | Path | None
+) -> Path | None:
+    """Refuse bad options before any work; returns the labels folder as a path."""
+    if against not in ("original", "decomposed"):
+        raise ConfigurationError(f"The reference must be 'original' or 'decomposed', got {against!r}.", option="against")
+    if min_dice is not None and min_dice < 0:
+        raise ConfigurationError(f"The Dice bar must be >= 0, got {min_dice}.", option="min_dice")
+    if max_abs_logit is not None and max_abs_logit < 0:
+        raise ConfigurationError(f"The logit bar must be >= 0, got {max_abs_logit}.", option="max_abs_logit")
+    labels = Path(labels_dir) if labels_dir is not None else None
+    if labels is not None and not labels.is_dir():
+        raise InputImageError(f"Labels folder {labels} does not exist.")
+    return labels
+
+
+def _open_sides(
+    stack: contextlib.ExitStack, bundle, checks: _CaseChecks, *, backend: str, precision: str, against: Against,
+    reference_model: str | Path | None, tile_source: str | Path, step_size: float, use_mirroring: bool,
+    batch_size: int,
+) -> _Sides:
+    """Open the engine's runners and the reference networks on ``stack``, and a predictor for each."""
+    from tucker_export.engines.selection import open_runners
+    from tucker_export.inference import runner_fold_model
+    from tucker_export.nnunet.predictor import EnginePredictor
+
+    device = checks.device
+    runners, backend_name, reason = open_runners(
+        stack, bundle, backend=backend, precision=precision, folds=checks.folds, device=device,
+        tile_source=tile_source,
+    )
+    precision = next(iter(runners.values())).precision if runners else precision  # `auto` resolved
+    engine_models = {f: runner_fold_model(r, device) for f, r in runners.items()}
+    reference_models = {f: torch_callable(n) for f, n in
+                        _open_reference(stack, bundle, against, checks.folds, reference_model, device).items()}
+    predictors = {}
+    for name, models in (("engine", engine_models), ("reference", reference_models)):
+        predictor = EnginePredictor(tile_step_size=step_size, use_mirroring=use_mirroring,
+                                    batch_size=batch_size, device=device, allow_tqdm=False)
+        predictor.initialize(checks.spec, models)
+        predictors[name] = predictor
+    return _Sides(engine_models, reference_models, predictors, backend_name, reason, precision)
+
+
+def _validate_case(
+    case: Case, sides: _Sides, checks: _CaseChecks, parity: dict[str, FoldParity], failures: list[str]
+) -> dict[str, Any] | None:
+    """One case's parity (added to ``parity``) and metrics report; None when its scan cannot be read."""
+    from tucker_export.errors import BrokenScanError
+    from tucker_export.nnunet.reading import preprocess_case
+    from tucker_export.validation.metrics import compute_class_metrics, summarize
+
+    spec = checks.spec
+    try:
+        prepared = preprocess_case(case, spec)
+    except BrokenScanError as error:
+        failures.append(f"case {case.name}: {error}")
+        return None
+    data, properties = prepared.data, prepared.properties
+    data_tensor = torch.from_numpy(data)
+    tiles = sliding_window_tiles(sides.predictors["engine"], data_tensor, checks.parity_tiles).to(checks.device)
+    for fold in checks.folds:
+        engine_out = torch.cat([sides.engine_models[fold](t[None]) for t in tiles])
+        reference_out = torch.cat([sides.reference_models[fold](t[None]) for t in tiles])
+        parity[str(fold)].add(engine_out.cpu(), reference_out.cpu())
+    segs = {}
+    for name, predictor in sides.predictors.items():
+        logits = predictor.predict_logits_from_preprocessed_data(data_tensor).cpu()
+        segs[name] = _segmentation(predictor, spec, logits, properties)
+    spacing = [float(s) for s in properties["spacing"]]
+    versus_reference = compute_class_metrics(segs["engine"], segs["reference"], checks.foreground, spacing,
+                                             nsd_tolerance_mm=checks.nsd_tolerance_mm)
+    report: dict[str, Any] = {
+        "spacing": spacing,
+        "engine_vs_reference": {str(k): v.to_dict() for k, v in versus_reference.items()},
+        "engine_vs_reference_summary": summarize(versus_reference),
+    }
+    for label, metrics in versus_reference.items():
+        if checks.min_dice is not None and metrics.status != "absent" and (metrics.dice or 0.0) < checks.min_dice:
+            failures.append(
+                f"case {case.name}, class {label} ({spec.label_names[label]}): Dice engine vs reference "
+                f"{metrics.dice:.4f} < {checks.min_dice} ({metrics.status})"
+            )
+    _compare_with_truth(case, segs, spacing, checks, report, failures)
+    return report
+
+
+def _compare_with_truth(
+    case: Case, segs: dict[str, np.ndarray], spacing: list[float], checks: _CaseChecks, report: dict[str, Any],
+    failures: list[str],
+) -> None:
+    """With a labels folder: both predictions against the case's ground truth, added to ``report``."""
+    from tucker_export.validation.metrics import compute_class_metrics, summarize
+
+    labels_dir = checks.labels_dir
+    truth = _read_labels(labels_dir, case.name, checks.file_ending) if labels_dir is not None else None
+    if labels_dir is not None and truth is None:
+        failures.append(f"case {case.name}: no reference label file {case.name}{checks.file_ending} in {labels_dir}")
+    elif truth is not None:
+        for name in ("engine", "reference"):
+            versus_truth = compute_class_metrics(segs[name], truth, checks.foreground, spacing,
+                                                 nsd_tolerance_mm=checks.nsd_tolerance_mm)
+            report[f"{name}_vs_truth"] = {str(k): v.to_dict() for k, v in versus_truth.items()}
+            report[f"{name}_vs_truth_summary"] = summarize(versus_truth)
+
+
+def _parity_failures(parity: dict[str, FoldParity], max_abs_logit: float | None) -> list[str]:
+    failures = []
+    for fold_parity in parity.values():
+        if fold_parity.nonfinite:
+            failures.append(f"fold {fold_parity.fold}: {fold_parity.nonfinite} NaN/Inf logits from the engine")
+        if max_abs_logit is not None and fold_parity.max_abs > max_abs_logit:
+            failures.append(
+                f"fold {fold_parity.fold}: max abs logit difference {fold_parity.max_abs:.3g} > {max_abs_logit}"
+            )
+    return failures
 
 
 def _overall_summary(case_reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
