@@ -88,3 +88,39 @@ def test_bad_options(exported_bundle, tmp_path: Path) -> None:
         validate_bundle(bundle, images, min_dice=-1, progress=False)
     with pytest.raises(BundleError, match="is not a tucker-export bundle"):
         validate_bundle(images, images, progress=False)
+
+
+def test_against_original_compares_with_the_recorded_model_folder(exported_bundle, tmp_path: Path) -> None:
+    """The default reference: the undecomposed model the bundle records; the Tucker 0.5 network differs from it."""
+    bundle, images = exported_bundle
+    report = validate_bundle(bundle, images, backend="ort", against="original", use_mirroring=False,
+                             report_path=tmp_path / "r.json", progress=False)
+    assert report.against == "original" and report.failures == []
+    decomposed = validate_bundle(bundle, images, backend="ort", against="decomposed", use_mirroring=False,
+                                 progress=False)
+    for fold in ("0", "1"):  # random weights: the factorization moves the logits far more than the export does
+        assert report.parity[fold]["max_abs"] > 100 * decomposed.parity[fold]["max_abs"]
+
+
+def test_against_original_without_the_model_folder_names_the_fix(exported_bundle, tmp_path: Path) -> None:
+    import shutil
+
+    bundle, images = exported_bundle
+    moved = tmp_path / "moved-model"
+    from tucker_export.bundle import Bundle
+
+    source = Path(Bundle.load(bundle).source["model_dir"])
+    shutil.copytree(source, moved)
+    shutil.rmtree(source)
+    try:
+        with pytest.raises(BundleError, match=r"is not here.*\(reference_model\)") as raised:
+            validate_bundle(bundle, images, backend="ort", against="original", use_mirroring=False, progress=False)
+        assert str(source) in str(raised.value)
+        result = CliRunner().invoke(cli, ["-q", "validate", "-b", str(bundle), "-i", str(images), "--backend", "ort",
+                                          "--disable-tta"])
+        assert result.exit_code == 1 and "(--reference-model)" in result.output
+        report = validate_bundle(bundle, images, backend="ort", against="original", reference_model=moved,
+                                 use_mirroring=False, progress=False)
+        assert report.failures == []
+    finally:
+        shutil.copytree(moved, source)
