@@ -3,8 +3,9 @@
 The layers, lowest first; a module may import its own layer and those below it:
 
 0. base: the package root, ``errors`` and the private helpers (``_io``, ``_text``, ``_env``)
-1. adapters: ``nnunet`` (the one door to nnU-Net), ``integrity`` (input checks), and the leaf
-   measurement module ``validation.metrics`` (every Dice and label reader)
+1. adapters: ``nnunet`` (the one door to nnU-Net), ``integrity`` (input checks), ``runtimes`` (the one
+   way to open an ONNX Runtime session or wrap a torch network) and the leaf measurement module
+   ``validation.metrics`` (every Dice and label reader)
 2. spine: ``bundle`` (the manifest schema)
 3. model: ``exporter`` (decomposition, rebuilding, ONNX export)
 4. engines: ``engines`` (backends, keys, builds)

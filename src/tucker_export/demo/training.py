@@ -39,6 +39,7 @@ from tucker_export.demo.recipe import (
     trainer_search_path,
 )
 from tucker_export.errors import DemoBuildError
+from tucker_export.runtimes import torch_threads
 
 logger = logging.getLogger("tucker_export.demo")
 
@@ -85,18 +86,6 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = old
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 @contextlib.contextmanager
@@ -188,7 +177,7 @@ def _build(root: Path, *, progress: bool) -> None:
     # Progress units: 1 per case written, 3 planning/preprocessing steps, the training iterations, 1 per test case.
     total = NUM_TRAINING_CASES + NUM_TEST_CASES + 3 + iterations_per_fold * len(FOLDS) + NUM_TEST_CASES
 
-    with _console_to(log_file) as console, _environment(env), _torch_threads(n_cpu):
+    with _console_to(log_file) as console, _environment(env), torch_threads(n_cpu):
         bar = _Progress(progress, total, console)
         trained = _train_and_evaluate(root, raw, preprocessed, n_cpu, trainer_cls, bar)
 

@@ -28,8 +28,7 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +58,7 @@ from tucker_export.exporter.tucker import (
     tucker2,
     unsupported_reason,
 )
+from tucker_export.runtimes import torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -124,20 +124,6 @@ def _layer_cost(name: str, conv: _ConvNd, count_in: int, count_out: int, metric:
     )
 
 
-@contextmanager
-def cpu_threads(threads: int | None) -> Iterator[None]:
-    """Run the block with ``torch.set_num_threads(threads)``, restoring the previous value after."""
-    if threads is None or threads == torch.get_num_threads():
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def decompose_network(
     network: nn.Module,
     input_shape: Sequence[int],
@@ -165,7 +151,7 @@ def decompose_network(
     """
     if threads is not None and threads < 1:
         raise ConfigurationError(f"threads must be >= 1 or None, got {threads}.")
-    with cpu_threads(threads if torch.device(device).type == "cpu" else None):
+    with torch_threads(threads if torch.device(device).type == "cpu" else None):
         return _decompose_network(network, input_shape, policy, skip=skip, hooi_iterations=hooi_iterations,
                                   device=device, progress=progress, description=description)
 
