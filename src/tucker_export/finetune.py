@@ -2,7 +2,7 @@
 
 The original nnU-Net network is the teacher, the bundle's factorized network the student. Both see
 the same tiles: patch-sized crops of the user's own scans after the bundle's nnU-Net preprocessing
-(``engines.cpu_build.tiles_from_scans``, seeded). The teacher's logits are computed once; only the
+(``engines.cpu_gate.tiles_from_scans``, seeded). The teacher's logits are computed once; only the
 student's Tucker factors and cores train (``--train-norms`` adds the normalisation layers).
 
 Loss: the Kullback-Leibler divergence from the teacher's softmax to the student's, per voxel,
@@ -289,7 +289,7 @@ def finetune_bundle(
     """
     from safetensors.torch import save_file
 
-    from tucker_export.engines.cpu_build import tiles_from_scans
+    from tucker_export.engines.cpu_gate import tiles_from_scans
     from tucker_export.exporter.tucker import deduplicated_state_dict
     from tucker_export.inference import parse_device
 

@@ -10,15 +10,13 @@ import pytest
 from click.testing import CliRunner
 
 from tucker_export.bundle import Bundle
-from tucker_export.engines.cpu_build import (
+from tucker_export.engines.cpu_build import build_cpu_engines, rank_cpu_precisions, resolve_cpu_models
+from tucker_export.engines.cpu_gate import (
     GATE_BARS,
-    build_cpu_engines,
     class_dice_of_argmax,
     crop_positions,
     crop_tile,
     judge_gate,
-    rank_cpu_precisions,
-    resolve_cpu_models,
     split_counts,
 )
 from tucker_export.engines.cpu_keys import CPU_ENGINES_SECTION, CpuInfo, cpu_engine_key, detect_cpu

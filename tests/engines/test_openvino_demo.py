@@ -45,7 +45,8 @@ def _copy(bundle: Path, target: Path) -> Path:
 
 def test_fp32_and_bf16_meet_their_bars_on_real_tiles(demo_tucker_bundle, training_scans, tmp_path):
     from tucker_export.engines import openvino_backend as ovb
-    from tucker_export.engines.cpu_build import build_cpu_engines, tiles_from_scans
+    from tucker_export.engines.cpu_build import build_cpu_engines
+    from tucker_export.engines.cpu_gate import tiles_from_scans
     from tucker_export.engines.runners import OpenVinoRunner
     from tucker_export.exporter.onnx_export import torch_reference
 

@@ -10,7 +10,7 @@ with every failing figure.
 Tiles are nnU-Net's: the bundle's own preprocessing of the scans, patch-sized crops at seeded
 positions. Without scans, fp32 and bf16 are gated on seeded standard-normal tiles (what z-scored
 CT intensities look like to the network); the record says which it was. The tiles and the gate
-itself live in ``cpu_gate`` and are re-exported here.
+itself live in ``cpu_gate``.
 """
 
 from __future__ import annotations
@@ -24,24 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-# The tiles and the gate live in cpu_gate; every name stays importable from here too (tests,
-# finetune and older callers import them from cpu_build), hence the unused-import waiver.
-from tucker_export.engines.cpu_gate import (  # noqa: F401
-    GATE_BARS,
+from tucker_export.engines.cpu_gate import (
     MAX_TILE_CASES,
-    GateBar,
     Tiles,
-    class_dice_of_argmax,
-    crop_positions,
-    crop_tile,
     gate_and_calibration_tiles,
     judge_gate,
     median_latency_ms,
     run_in_batches,
-    seeded_tiles,
-    split_counts,
-    tiles_digest,
-    tiles_from_scans,
 )
 from tucker_export.engines.cpu_keys import (
     CPU_ENGINES_SECTION,

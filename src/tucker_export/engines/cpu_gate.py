@@ -24,9 +24,7 @@ if TYPE_CHECKING:
     from tucker_export.bundle import Bundle
     from tucker_export.nnunet.cases import Case
 
-# The per-case warning keeps the logger name it always had, so log filters and tests that watch
-# ``tucker_export.engines.cpu_build`` still see it.
-logger = logging.getLogger("tucker_export.engines.cpu_build")
+logger = logging.getLogger(__name__)
 
 MAX_TILE_CASES = 20
 
