@@ -48,13 +48,15 @@ def prepare_bundle(
     trust_checkpoint: bool = False,
     gate_scans: str | Path | None = None,
     progress: bool = False,
+    source_checksum: str | None = None,
 ) -> PreparedBundle:
     """Decompose ``model_dir`` into ``target`` with ``policy``, export ``precisions`` to ONNX and build ``engines``.
 
     ``engines`` holds ``"trt"`` (TensorRT engines of every exported precision, for the GPUs here)
     and/or ``"openvino"`` (compiled CPU models of ``precisions``, gated on tiles of ``gate_scans``).
     With ``reuse`` an existing bundle at ``target`` made from the same model files and policy is
-    kept and only its missing exports are made; otherwise ``target`` is replaced.
+    kept and only its missing exports are made; otherwise ``target`` is replaced. ``source_checksum``
+    is the model's ``model_checksum`` when the caller already has it (hashing checkpoints is slow).
     """
     from tucker_export.exporter.decompose import decompose_model
     from tucker_export.exporter.onnx_export import export_bundle
@@ -63,7 +65,7 @@ def prepare_bundle(
     if unknown:
         raise ConfigurationError(f"Engine kinds must be among {', '.join(ENGINE_KINDS)}, got {', '.join(unknown)}.")
     model_dir, target = Path(model_dir), Path(target)
-    bundle = _reusable_bundle(model_dir, target, policy, folds) if reuse else None
+    bundle = _reusable_bundle(model_dir, target, policy, folds, source_checksum) if reuse else None
     decomposed = bundle is None
     if bundle is None:
         bundle = decompose_model(model_dir, target, folds=list(folds) if folds else None, policy=policy, overwrite=True,
@@ -94,7 +96,9 @@ def _stale(bundle: Bundle, fold: Fold, precision: str) -> bool:
     return bundle.stale_onnx_reason(fold, entry) is not None
 
 
-def _reusable_bundle(model_dir: Path, target: Path, policy: RankPolicy, folds: Sequence[Fold] | None) -> Bundle | None:
+def _reusable_bundle(
+    model_dir: Path, target: Path, policy: RankPolicy, folds: Sequence[Fold] | None, checksum: str | None
+) -> Bundle | None:
     """The bundle at ``target`` when it was made from these model files with this policy, else None."""
     from tucker_export.errors import BundleError
     from tucker_export.nnunet.loading import DEFAULT_CHECKPOINT
@@ -109,7 +113,9 @@ def _reusable_bundle(model_dir: Path, target: Path, policy: RankPolicy, folds: S
     source = bundle.source
     checkpoint = source.get("checkpoint_name") or DEFAULT_CHECKPOINT
     checkpoints = [model_dir / f"fold_{f}" / checkpoint for f in bundle.folds]
-    same_source = all(p.is_file() for p in checkpoints) and source.get("checksum") == model_checksum(model_dir, checkpoints)
+    same_source = all(p.is_file() for p in checkpoints) and source.get("checksum") == (
+        checksum or model_checksum(model_dir, checkpoints)
+    )
     same_folds = not folds or {str(f) for f in folds} <= {str(f) for f in bundle.folds}
     if same_source and same_folds and bundle.rank_policy == policy.to_manifest():
         return bundle
@@ -126,13 +132,13 @@ def undecomposed_bundle(model_dir: str | Path, *, precision: str | None = None, 
     """
     from tucker_export._io import exclusive_lock, user_cache_dir
     from tucker_export.exporter.ranks import RankPolicy
-    from tucker_export.nnunet.loading import available_folds
+    from tucker_export.nnunet.loading import DEFAULT_CHECKPOINT, available_folds
 
     model_dir = Path(model_dir)
     folds = available_folds(model_dir)
     if not folds:
-        raise ModelFolderError(f"{model_dir} has no fold_N/checkpoint_final.pth; is it an nnU-Net trained model folder?")
-    checksum = model_checksum(model_dir, [model_dir / f"fold_{f}" / "checkpoint_final.pth" for f in folds])
+        raise ModelFolderError(f"{model_dir} has no fold_N/{DEFAULT_CHECKPOINT}; is it an nnU-Net trained model folder?")
+    checksum = model_checksum(model_dir, [model_dir / f"fold_{f}" / DEFAULT_CHECKPOINT for f in folds])
     target = user_cache_dir() / "bundles" / f"original-{checksum[:16]}"
     with exclusive_lock(target.parent / f".{target.name}.lock",
                         "Another process is preparing the undecomposed bundle (lock %s); waiting for it"):
@@ -140,5 +146,5 @@ def undecomposed_bundle(model_dir: str | Path, *, precision: str | None = None, 
             logger.info("Preparing an undecomposed bundle of %s in %s (once per model).", model_dir, target)
         prepared = prepare_bundle(model_dir, target, policy=RankPolicy(mode="none"),
                                   precisions=(precision,) if precision else (), reuse=True,
-                                  trust_checkpoint=trust_checkpoint)
+                                  trust_checkpoint=trust_checkpoint, source_checksum=checksum)
     return prepared.bundle

@@ -130,6 +130,7 @@ class TorchRunner(Runner):
         import torch
 
         self.network = None
+        self._run = None  # its closure holds the network too
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
