@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from tucker_export.errors import TuckerExportError
+
 
 def split_list(values: tuple[str, ...] | list[str]) -> list[str]:
     """`--precision fp32 --precision fp16`, `--precision fp32,fp16` and `-f "0 1"` all mean two values."""
@@ -30,11 +32,8 @@ def show_progress(ctx: click.Context) -> bool:
 _FLAG_OF = {
     "workspace_gib": "--workspace",
     "batch_profile": "--batch",
-    "batch_sizes": "--batch-sizes",
     "rank_factors": "--sweep-rank-factor",
-    "reference_model": "--reference-model",
     "factor": "--rank-factor",
-    "energy": "--energy",
 }
 
 
@@ -45,6 +44,4 @@ def flag_of(option: str) -> str:
 
 def describe_error(error: Exception) -> str:
     """A library error as the CLI says it: its hint names the flag, not the Python argument."""
-    from tucker_export.errors import TuckerExportError
-
     return error.describe(flag_of) if isinstance(error, TuckerExportError) else str(error)
