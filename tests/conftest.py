@@ -22,7 +22,15 @@ def shared_ct_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_model():
-    """The trained demo model, built once into the cache (minutes on first use) and reused after."""
+    """The shipped head-and-neck CT model with its four held-out patients (nothing is trained)."""
     from tucker_export.demo import ensure_demo_model
 
-    return ensure_demo_model(progress=False)
+    return ensure_demo_model()
+
+
+@pytest.fixture(scope="session")
+def demo_crops(demo_model, tmp_path_factory):
+    """The shipped model with its four patients cropped to 64^3 around the contours: one tile per case."""
+    from factories import crop_demo_patients
+
+    return crop_demo_patients(demo_model, tmp_path_factory.mktemp("demo-crops"))

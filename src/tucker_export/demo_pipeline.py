@@ -1,24 +1,28 @@
-"""`tucker-export demo`: the whole pipeline on the built-in trained model, with a short report.
+"""`tucker-export demo`: the whole pipeline on the shipped head-and-neck CT model, with a short report.
 
-decompose (rank factor 0.3) -> export ONNX fp32 -> infer the held-out phantoms with ONNX Runtime ->
-compare with the original model in PyTorch (speed, Dice per structure) and with the references.
+decompose (rank factor ``RANK_FACTOR``) -> export ONNX fp32 -> compile and gate the CPU engine `auto`
+picks -> segment the shipped held-out patients -> compare with the original model in PyTorch (speed,
+Dice per structure) and with the clinical contours. The fine-tuned Tucker bundle that ships beside
+the model (``finetune`` on unlabelled training images, minutes of work) is run too, so the report
+shows what label-free fine-tuning wins back without spending those minutes in the demo.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from tucker_export.bundle import Bundle
 from tucker_export.demo import DemoModel
+from tucker_export.demo.recipe import DEMO_RANK_FACTOR as RANK_FACTOR
+from tucker_export.demo.shipped import finetuned_bundle_dir
 
 logger = logging.getLogger(__name__)
-
-RANK_FACTOR = 0.3
 
 
 @dataclass
@@ -40,37 +44,48 @@ class DemoReport:
     network_seconds_original: float = 0.0
     network_seconds_tucker: float = 0.0
     machine_load: str = ""  # the load while the timings were taken: they mean little on a busy machine
+    #: The shipped fine-tuned bundle's rows (empty when none ships for this model), and why not when absent.
+    dice_finetuned_vs_original: dict[str, float] = field(default_factory=dict)
+    dice_finetuned_vs_reference: dict[str, float] = field(default_factory=dict)
+    finetuned_note: str = ""
 
     @property
     def speedup(self) -> float:
         return self.seconds_original_torch / self.seconds_tucker_ort if self.seconds_tucker_ort else float("nan")
 
 
-def _dice_per_structure(pred_dir: Path, ref_dir: Path, label_names: dict[int, str]) -> dict[str, float]:
-    """Mean Dice per structure over the cases; a structure absent from both maps of a case is left out there."""
-    import math
+def _dice_per_structure(pred_dir: Path, ref_dir: Path, label_names: dict[int, str], *,
+                        only_contoured: bool) -> dict[str, float]:  # fmt: skip
+    """Mean Dice per structure over the cases.
 
+    ``only_contoured``: a structure is scored only in cases whose reference contains it (clinical
+    contours leave out what the planner did not need); otherwise only a structure absent from both
+    maps of a case is left out there.
+    """
     from tucker_export.validation.metrics import label_dice, read_label_map
 
     scores: dict[str, list[float]] = {}
     labels = [label for label in label_names if label != 0]
     for ref_path in sorted(ref_dir.glob("*.nii.gz")):
-        dice = label_dice(read_label_map(pred_dir / ref_path.name), read_label_map(ref_path), labels)
+        reference = read_label_map(ref_path)
+        present = set(np.unique(reference).tolist())
+        dice = label_dice(read_label_map(pred_dir / ref_path.name), reference, labels)
         for label, score in dice.items():
-            if not math.isnan(score):
+            if not math.isnan(score) and (label in present or not only_contoured):
                 scores.setdefault(label_names[label], []).append(score)
     return {name: float(np.mean(values)) for name, values in scores.items()}
 
 
 def run_demo_pipeline(model: DemoModel, *, work_dir: Path | None = None, progress: bool = True) -> DemoReport:
     """Run decompose, export, infer and the comparisons on the demo model; outputs go to ``work_dir``."""
+    from tucker_export._io import user_cache_dir
     from tucker_export.exporter.ranks import RankPolicy
     from tucker_export.inference import run_inference
     from tucker_export.pipeline import prepare_bundle
     from tucker_export.validation.machine import MachineWatch, describe_verdict
 
     watch = MachineWatch()
-    work_dir = Path(work_dir) if work_dir is not None else model.root / "pipeline"
+    work_dir = Path(work_dir) if work_dir is not None else user_cache_dir() / "demo-pipeline"
     bundle_dir = work_dir / f"bundle-rank{RANK_FACTOR}"
     logger.info("Decomposing %s at rank factor %s into %s, exporting ONNX (fp32) and checking it against PyTorch",
                 model.model_dir, RANK_FACTOR, bundle_dir)
@@ -99,26 +114,56 @@ def run_demo_pipeline(model: DemoModel, *, work_dir: Path | None = None, progres
                              overwrite=True, progress=progress)
     seconds_original = time.perf_counter() - start
 
-    totals = _totals(bundle)
-    return DemoReport(
+    names = model.label_names
+    report = DemoReport(
         model_dir=model.model_dir,
         bundle_dir=bundle_dir,
         tucker_output_dir=tucker_dir,
-        params_ratio=totals[0],
-        macs_ratio=totals[1],
-        onnx_max_abs_diff=max(float(r.parity.max_abs_diff) for r in records),
+        params_ratio=_totals(bundle)[0],
+        macs_ratio=_totals(bundle)[1],
+        onnx_max_abs_diff=max((float(r.parity.max_abs_diff) for r in records), default=float("nan")),
         cases=len(original.results),
         seconds_original_torch=seconds_original,
         seconds_tucker_ort=seconds_tucker,
-        dice_tucker_vs_original=_dice_per_structure(tucker_dir, original_dir, model.label_names),
-        dice_tucker_vs_reference=_dice_per_structure(tucker_dir, model.test_labels_dir, model.label_names),
-        dice_original_vs_reference=_dice_per_structure(original_dir, model.test_labels_dir, model.label_names),
+        dice_tucker_vs_original=_dice_per_structure(tucker_dir, original_dir, names, only_contoured=False),
+        dice_tucker_vs_reference=_dice_per_structure(tucker_dir, model.test_labels_dir, names, only_contoured=True),
+        dice_original_vs_reference=_dice_per_structure(original_dir, model.test_labels_dir, names,
+                                                       only_contoured=True),
         tucker_engine=f"{tucker.backend} {tucker.precision}",
         seconds_engine_build=seconds_engine,
         network_seconds_original=_network_seconds(original),
         network_seconds_tucker=_network_seconds(tucker),
-        machine_load=describe_verdict(watch.verdict()),
     )
+    _run_finetuned(model, work_dir, original_dir, report, progress)
+    report.machine_load = describe_verdict(watch.verdict())
+    return report
+
+
+def _run_finetuned(model: DemoModel, work_dir: Path, original_dir: Path, report: DemoReport, progress: bool) -> None:
+    """Segment with the shipped fine-tuned bundle (ONNX Runtime fp32: no second engine compile) and score it."""
+    from tucker_export.bundle import model_checksum
+    from tucker_export.errors import TuckerExportError
+    from tucker_export.inference import run_inference
+
+    path = finetuned_bundle_dir(model.root)
+    if not (path / "bundle.json").is_file():
+        report.finetuned_note = f"no fine-tuned bundle ships with this model ({path})"
+        return
+    try:
+        bundle = Bundle.load(path)
+        checkpoints = [model.model_dir / f"fold_{f}" / "checkpoint_final.pth" for f in model.folds]
+        if bundle.source.get("checksum") != model_checksum(model.model_dir, checkpoints):
+            report.finetuned_note = "the shipped fine-tuned bundle was made from another model (retrained?)"
+            return
+        out = work_dir / "segmentations-tucker-finetuned"
+        run_inference(model.test_images_dir, out, bundle_path=path, backend="ort", precision="fp32", overwrite=True,
+                      progress=progress)
+    except TuckerExportError as exc:
+        report.finetuned_note = f"the shipped fine-tuned bundle could not run ({exc})"
+        return
+    names = model.label_names
+    report.dice_finetuned_vs_original = _dice_per_structure(out, original_dir, names, only_contoured=False)
+    report.dice_finetuned_vs_reference = _dice_per_structure(out, model.test_labels_dir, names, only_contoured=True)
 
 
 def _network_seconds(report) -> float:
@@ -135,7 +180,7 @@ def _totals(bundle: Bundle) -> tuple[float, float]:
 
 
 def format_demo_report(report: DemoReport) -> str:
-    names = list(report.dice_tucker_vs_reference)
+    names = list(report.dice_original_vs_reference)
     lines = [
         f"demo model      {report.model_dir}",
         f"bundle          {report.bundle_dir}",
@@ -145,21 +190,25 @@ def format_demo_report(report: DemoReport) -> str:
         f"ONNX fp32 vs PyTorch: max abs logit difference {report.onnx_max_abs_diff:.2e}",
         f"CPU engine: {report.tucker_engine}, compiled and gated against PyTorch in {report.seconds_engine_build:.1f} s "
         "(once per CPU kind; `infer` does this on first use)",
-        f"{report.cases} held-out cases: original in PyTorch {report.seconds_original_torch:.1f} s (network "
+        f"{report.cases} held-out patients: original in PyTorch {report.seconds_original_torch:.1f} s (network "
         f"{report.network_seconds_original:.1f} s), Tucker in {report.tucker_engine} {report.seconds_tucker_ort:.1f} s "
         f"(network {report.network_seconds_tucker:.1f} s): {report.speedup:.2f}x",
-        "(the phantoms are one patch each, so fixed costs dominate; see the README's real-CT benchmark)",
         *([f"machine: {report.machine_load}"] if report.machine_load else []),
         "",
-        f"{'structure':<16}{'Tucker vs original':>20}{'Tucker vs ref':>15}{'original vs ref':>17}",
+        "Dice per structure (vs contours: only where the clinical contours include the structure)",
     ]
+    columns = [("original vs contours", report.dice_original_vs_reference),
+               ("Tucker vs contours", report.dice_tucker_vs_reference),
+               ("Tucker vs original", report.dice_tucker_vs_original)]
+    if report.dice_finetuned_vs_reference:
+        columns += [("fine-tuned vs contours", report.dice_finetuned_vs_reference),
+                    ("fine-tuned vs original", report.dice_finetuned_vs_original)]
+    width = max(len(title) for title, _ in columns) + 2
+    lines.append(f"{'structure':<14}" + "".join(f"{title:>{width}}" for title, _ in columns))
     for name in names:
-        lines.append(
-            f"{name:<16}{report.dice_tucker_vs_original.get(name, float('nan')):>20.4f}"
-            f"{report.dice_tucker_vs_reference[name]:>15.4f}{report.dice_original_vs_reference.get(name, float('nan')):>17.4f}"
-        )
-    mean = {k: float(np.mean(list(v.values()))) for k, v in (
-        ("a", report.dice_tucker_vs_original), ("b", report.dice_tucker_vs_reference),
-        ("c", report.dice_original_vs_reference))}
-    lines.append(f"{'mean':<16}{mean['a']:>20.4f}{mean['b']:>15.4f}{mean['c']:>17.4f}")
+        lines.append(f"{name:<14}" + "".join(f"{values.get(name, float('nan')):>{width}.4f}" for _, values in columns))
+    lines.append(f"{'mean':<14}" + "".join(
+        f"{float(np.mean([values[n] for n in names if n in values])):>{width}.4f}" for _, values in columns))
+    if report.finetuned_note:
+        lines.append(f"(fine-tuned Tucker: {report.finetuned_note})")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Properties of the seeded CT-like phantom generator used to train the demo model."""
+"""Properties of the seeded CT-like phantom generator (known geometry for unit tests and benchmarks)."""
 
 from __future__ import annotations
 

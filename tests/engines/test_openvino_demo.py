@@ -1,8 +1,8 @@
 """OpenVINO on the trained demo model: each precision against PyTorch, seeded int8 calibration, `infer` auto.
 
 Accuracy needs trained weights (random kernels give near-tie logits that any lower precision
-flips), so these run on the demo model; calibration and gate scans are demo *training* phantoms
-(regenerated from their seeds, used without labels), never the held-out cases.
+flips), so these run on the shipped head-and-neck model; calibration and gate scans are the real
+*training* images that ship with it (used without labels), never the held-out patients.
 """
 
 from __future__ import annotations
@@ -26,14 +26,8 @@ def demo_tucker_bundle(demo_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def training_scans(tmp_path_factory) -> Path:
-    from tucker_export.demo import generate_phantom
-    from tucker_export.demo.phantom import write_case
-
-    folder = tmp_path_factory.mktemp("ov-calibration")
-    for seed in range(4):
-        write_case(generate_phantom(seed, anisotropic=(seed % 4 == 3)), folder / f"train_{seed:03d}_0000.nii.gz")
-    return folder
+def training_scans(demo_model) -> Path:
+    return demo_model.training_images_dir
 
 
 def _copy(bundle: Path, target: Path) -> Path:
@@ -72,15 +66,10 @@ def test_fp32_and_bf16_meet_their_bars_on_real_tiles(demo_tucker_bundle, trainin
 
 @pytest.fixture(scope="module")
 def large_scans(training_scans, tmp_path_factory) -> Path:
-    """Demo phantoms tiled 2x per axis: larger than the patch, so crop positions (and the seed) matter."""
-    import SimpleITK as sitk
-
+    """Two real training scans: 128^3 voxels, larger than the 64^3 patch, so crop positions (and the seed) matter."""
     folder = tmp_path_factory.mktemp("ov-large")
     for path in sorted(training_scans.glob("*.nii.gz"))[:2]:
-        image = sitk.ReadImage(str(path))
-        tiled = sitk.GetImageFromArray(np.tile(sitk.GetArrayFromImage(image), (2, 2, 2)))
-        tiled.SetSpacing(image.GetSpacing())
-        sitk.WriteImage(tiled, str(folder / path.name))
+        (folder / path.name).symlink_to(path)
     return folder
 
 
@@ -110,15 +99,15 @@ def test_int8_calibration_is_seeded_and_recorded(demo_tucker_bundle, large_scans
     assert next(iter(saved[CPU_ENGINES_SECTION].values()))["calibration"]["folder"] == str(training_scans)
 
 
-def test_infer_auto_picks_openvino_and_matches_onnxruntime(demo_model, tmp_path):
+def test_infer_auto_picks_openvino_and_matches_onnxruntime(demo_crops, tmp_path):
     from tucker_export.engines import openvino_backend as ovb
     from tucker_export.inference import run_inference
 
     images = tmp_path / "images"
     images.mkdir()
-    for path in sorted(demo_model.test_images_dir.glob("*_0000.nii.gz"))[:2]:
+    for path in sorted(demo_crops.test_images_dir.glob("*_0000.nii.gz"))[:2]:
         (images / path.name).symlink_to(path)
-    common = dict(model_dir=demo_model.model_dir, folds=[0], use_mirroring=False, progress=False)
+    common = dict(model_dir=demo_crops.model_dir, folds=[0], use_mirroring=False, progress=False)
     auto = run_inference(images, tmp_path / "auto", **common)
     expected = "bf16" if "BF16" in ovb.cpu_capabilities() else "fp32"
     assert auto.backend == "openvino" and auto.precision == expected, auto.backend_reason
@@ -131,6 +120,6 @@ def test_infer_auto_picks_openvino_and_matches_onnxruntime(demo_model, tmp_path)
     for result in auto.results:
         a = sitk.GetArrayFromImage(sitk.ReadImage(str(result.output)))
         b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ort" / result.output.name)))
-        for label in range(1, len(demo_model.label_names)):
+        for label in range(1, len(demo_crops.label_names)):
             if (b == label).any():
                 assert dice_score(a == label, b == label) >= 0.99, (result.name, label)

@@ -65,7 +65,8 @@ def test_networks_match_nnunet_predictor(tmp_path: Path, options: dict) -> None:
 
 def test_demo_model_matches_nnunet_predictor(demo_model) -> None:
     loaded = load_trained_model(demo_model.model_dir, folds=(demo_model.folds[0],))
-    assert loaded.spec.trainer_name == "nnUNetTrainer_TuckerDemo"
+    assert loaded.spec.trainer_name == "nnUNetTrainer_TuckerHN"
+    assert loaded.spec.allowed_mirroring_axes is None  # left and right parotid: no flips
     torch.manual_seed(0)
     x = torch.randn(1, loaded.spec.num_input_channels, *loaded.spec.patch_size)
     with torch.no_grad():

@@ -26,11 +26,11 @@ def local_ray():
 
 
 @pytest.fixture(scope="module")
-def serial_output(demo_model, demo_bundle, tmp_path_factory) -> Path:
+def serial_output(demo_crops, demo_bundle, tmp_path_factory) -> Path:
     from tucker_export.inference import run_inference
 
     out = tmp_path_factory.mktemp("serial")
-    report = run_inference(demo_model.test_images_dir, out, bundle_path=demo_bundle, backend="ort", precision="fp32",
+    report = run_inference(demo_crops.test_images_dir, out, bundle_path=demo_bundle, backend="ort", precision="fp32",
                            progress=False)
     assert len(report.results) == 4 and not report.failed
     return out
@@ -49,8 +49,8 @@ def _voxels(folder: Path) -> dict[str, np.ndarray]:
     return {p.name: sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in sorted(folder.glob("*.nii.gz"))}
 
 
-def test_outputs_match_serial_infer_and_say_who_ran_them(local_ray, demo_model, demo_bundle, serial_output, tmp_path):
-    report = _on_ray(demo_bundle, demo_model.test_images_dir, tmp_path / "out")
+def test_outputs_match_serial_infer_and_say_who_ran_them(local_ray, demo_crops, demo_bundle, serial_output, tmp_path):
+    report = _on_ray(demo_bundle, demo_crops.test_images_dir, tmp_path / "out")
     assert [r.status for r in report.results] == ["done"] * 4
     ours, serial = _voxels(tmp_path / "out"), _voxels(serial_output)
     assert ours.keys() == serial.keys() and len(ours) == 4
@@ -63,14 +63,14 @@ def test_outputs_match_serial_infer_and_say_who_ran_them(local_ray, demo_model, 
     assert data["ray"]["started_here"] is False  # the test's Ray was reused, and is left running
     json.dumps(data)
 
-    again = _on_ray(demo_bundle, demo_model.test_images_dir, tmp_path / "out")
+    again = _on_ray(demo_bundle, demo_crops.test_images_dir, tmp_path / "out")
     assert [r.status for r in again.results] == ["skipped"] * 4
     assert again.workers == [] and again.backend == "none"  # no worker was even started
 
 
-def test_a_corrupt_case_is_reported_and_the_others_finish(local_ray, demo_model, demo_bundle, tmp_path):
+def test_a_corrupt_case_is_reported_and_the_others_finish(local_ray, demo_crops, demo_bundle, tmp_path):
     scans = tmp_path / "scans"
-    shutil.copytree(demo_model.test_images_dir, scans)
+    shutil.copytree(demo_crops.test_images_dir, scans)
     (scans / "broken_0000.nii.gz").write_bytes(b"\x1f\x8b not really a NIfTI")
     report = _on_ray(demo_bundle, scans, tmp_path / "out")
     status = {r.name: r.status for r in report.results}
@@ -81,7 +81,7 @@ def test_a_corrupt_case_is_reported_and_the_others_finish(local_ray, demo_model,
 
 
 def test_a_killed_worker_has_its_case_redone_and_leaves_nothing_half_written(
-        local_ray, demo_model, demo_bundle, serial_output, tmp_path):
+        local_ray, demo_crops, demo_bundle, serial_output, tmp_path):
     out = tmp_path / "out"
     killed: list[str] = []
 
@@ -93,7 +93,7 @@ def test_a_killed_worker_has_its_case_redone_and_leaves_nothing_half_written(
         (out / f".{case_name}.abcd1234.nii.gz").write_bytes(b"half")
         os.kill(worker["pid"], signal.SIGKILL)
 
-    report = _on_ray(demo_bundle, demo_model.test_images_dir, out, on_dispatch=kill_first_worker)
+    report = _on_ray(demo_bundle, demo_crops.test_images_dir, out, on_dispatch=kill_first_worker)
     assert [r.status for r in report.results] == ["done"] * 4
     redone = next(r for r in report.results if r.name == killed[0])
     assert any("retried after 1 worker death" in w for w in redone.warnings)
@@ -104,7 +104,7 @@ def test_a_killed_worker_has_its_case_redone_and_leaves_nothing_half_written(
         np.testing.assert_array_equal(ours[name], serial[name], err_msg=name)
 
 
-def test_an_engine_for_another_device_kind_is_refused(local_ray, demo_model, demo_bundle, tmp_path):
+def test_an_engine_for_another_device_kind_is_refused(local_ray, demo_crops, demo_bundle, tmp_path):
     from tucker_export.bundle import Bundle
     from tucker_export.engines.cpu_keys import CPU_ENGINES_SECTION
 
@@ -119,21 +119,21 @@ def test_an_engine_for_another_device_kind_is_refused(local_ray, demo_model, dem
     })
     bundle.save()
     with pytest.raises(EngineError, match="no OpenVINO int8 model for this CPU"):
-        _on_ray(bundle_copy, demo_model.test_images_dir, tmp_path / "out", backend="openvino", precision="int8")
+        _on_ray(bundle_copy, demo_crops.test_images_dir, tmp_path / "out", backend="openvino", precision="int8")
     assert not list((tmp_path / "out").glob("*.nii.gz"))
 
 
-def test_bad_settings_are_one_sentence(demo_model, demo_bundle, tmp_path):
+def test_bad_settings_are_one_sentence(demo_crops, demo_bundle, tmp_path):
     from click.testing import CliRunner
 
     from tucker_export.cli import cli
 
     with pytest.raises(ConfigurationError, match="at least 1"):
-        _on_ray(demo_bundle, demo_model.test_images_dir, tmp_path / "out", cpus_per_worker=0)
-    result = CliRunner().invoke(cli, ["infer", "-i", str(demo_model.test_images_dir), "-o", str(tmp_path / "o"),
+        _on_ray(demo_bundle, demo_crops.test_images_dir, tmp_path / "out", cpus_per_worker=0)
+    result = CliRunner().invoke(cli, ["infer", "-i", str(demo_crops.test_images_dir), "-o", str(tmp_path / "o"),
                                       "-b", str(demo_bundle), "--ray", "127.0.0.1:9"])
     assert result.exit_code == 1 and "Nothing answers at the Ray address" in result.output
     assert "Traceback" not in result.output
-    result = CliRunner().invoke(cli, ["infer", "-i", str(demo_model.test_images_dir), "-o", str(tmp_path / "o"),
+    result = CliRunner().invoke(cli, ["infer", "-i", str(demo_crops.test_images_dir), "-o", str(tmp_path / "o"),
                                       "-b", str(demo_bundle), "--workers", "2"])
     assert result.exit_code == 2 and "--workers needs --ray" in result.output

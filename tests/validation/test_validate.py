@@ -124,3 +124,33 @@ def test_against_original_without_the_model_folder_names_the_fix(exported_bundle
         assert report.failures == []
     finally:
         shutil.copytree(moved, source)
+
+
+def test_only_contoured_structures_are_scored_against_clinical_labels(demo_crops, tmp_path: Path) -> None:
+    """A structure missing from a case's contours is unknown there: not scored with --only-contoured."""
+    import shutil
+
+    from factories import decomposed_demo_bundle
+
+    bundle = decomposed_demo_bundle(demo_crops, tmp_path, rank_factor=0.3)
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    case = sorted(demo_crops.test_images_dir.glob("*_0000.nii.gz"))[0]
+    shutil.copy(case, images / case.name)
+    name = case.name.replace("_0000", "")
+    truth = sitk.ReadImage(str(demo_crops.test_labels_dir / name))
+    array = sitk.GetArrayFromImage(truth)
+    array[array == 5] = 0  # the planner "did not contour" the mandible
+    clinical = sitk.GetImageFromArray(array)
+    clinical.CopyInformation(truth)
+    sitk.WriteImage(clinical, str(labels / name))
+    common = dict(labels_dir=labels, backend="ort", use_mirroring=False, parity_tiles=1, progress=False)
+    every = validate_bundle(bundle, images, **common)
+    contoured = validate_bundle(bundle, images, only_contoured=True, **common)
+    case_name = name.replace(".nii.gz", "")
+    assert "5" in every.cases[case_name]["reference_vs_truth"]
+    assert "5" not in contoured.cases[case_name]["reference_vs_truth"]
+    assert set(contoured.summary["reference_vs_truth_dice_per_class"]) == {"1", "2", "3", "4"} & set(
+        contoured.cases[case_name]["reference_vs_truth"])
+    assert contoured.settings["only_contoured"] is True

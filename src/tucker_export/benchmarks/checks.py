@@ -54,7 +54,7 @@ def main() -> int:
         raise SystemExit(f"the real CT is not at {SHARED}; this benchmark needs it")
 
     watch = MachineWatch()
-    model = ensure_demo_model(progress=False)
+    model = ensure_demo_model()
     from tucker_export.nnunet.loading import load_model_spec
 
     spec = load_model_spec(model.model_dir)

@@ -96,7 +96,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "finetune.json")
     args = parser.parse_args()
     watch = MachineWatch()
-    demo = ensure_demo_model(progress=False)
+    demo = ensure_demo_model()
     scans = demo.ensure_training_images()
     results: dict[str, Any] = {"environment": environment(), "scans": str(scans), "held_out": str(demo.test_images_dir),
                                "minutes_per_factor": args.minutes, "rows": {}}

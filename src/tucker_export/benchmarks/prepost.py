@@ -169,7 +169,7 @@ def main() -> int:
     from tucker_export.validation.machine import MachineWatch, environment, write_benchmark_json
 
     watch = MachineWatch()
-    demo = ensure_demo_model(progress=False)
+    demo = ensure_demo_model()
     work = Path(tempfile.mkdtemp(prefix="bench-prepost-"))
     scan = _make_input(work, args.slices, args.in_plane)
     _make_model(work, demo.model_dir, args.classes, args.spacing)

@@ -90,7 +90,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "ray_scaleout.json")
     args = parser.parse_args()
 
-    model = ensure_demo_model(progress=False)
+    model = ensure_demo_model()
     work = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     scans = work / "scans"
     _make_cases(scans, args.cases)

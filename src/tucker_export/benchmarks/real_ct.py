@@ -262,7 +262,7 @@ def main() -> int:
     from tucker_export.demo import ensure_demo_model
 
     watch = MachineWatch()
-    model = ensure_demo_model(progress=False)
+    model = ensure_demo_model()
     work = Path(tempfile.mkdtemp(prefix="bench-infer-"))
     tucker = _prepare_bundle(model, work, args.rank_factor)
     inputs = _input_sets(model, work, names, args.cases)

@@ -177,7 +177,7 @@ def _sweep_sources(
                 "without --demo (the demo brings its own model, images and labels)")
         from tucker_export.demo import ensure_demo_model
 
-        model = ensure_demo_model(progress=progress)
+        model = ensure_demo_model()
         title_model = f"demo model ({model.dataset_name}, folds {', '.join(map(str, model.folds))})"
         return model.model_dir, model.test_images_dir, model.test_labels_dir, title_model
     if model_dir is None:

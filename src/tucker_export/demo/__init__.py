@@ -1,20 +1,24 @@
-"""The built-in demo: a small nnU-Net v2 model trained (once, on the CPU) on synthetic CT-like phantoms.
+"""The built-in demo: an nnU-Net v2 model of real head-and-neck CT that ships with the package.
 
-``ensure_demo_model()`` returns it, building it into the cache on first use; see :mod:`.build` for the
-recipe (:mod:`.recipe`, :mod:`.dataset` and :mod:`.training` for its parts) and :mod:`.phantom` for the
-data. Importing this package is cheap: torch and nnU-Net are only imported when a model is built or used.
+``ensure_demo_model()`` returns it (:mod:`.shipped`) with a few real held-out patients and their
+clinical contours; nothing is trained on first use. :mod:`.retrain` is the recipe that made it from
+the OpenKBP data set (:mod:`.openkbp`) through nnU-Net's own pipeline (:mod:`.nnunet_run`), and
+:mod:`.recipe` names its parts. :mod:`.phantom` generates synthetic CT-like phantoms for unit tests
+that need a known geometry. Importing this package is cheap: torch and nnU-Net are imported only
+when a model is trained or used.
 """
 
-from tucker_export.demo.build import DemoModel, demo_cache_dir, ensure_demo_model
-from tucker_export.demo.phantom import LABEL_NAMES, PhantomCase, generate_phantom
+from tucker_export.demo.phantom import PhantomCase, generate_phantom
 from tucker_export.demo.recipe import (
     CONFIGURATION,
     DATASET_NAME,
+    LABEL_NAMES,
     PLANS_NAME,
     RECIPE_VERSION,
     TRAINER_NAME,
     trainer_search_path,
 )
+from tucker_export.demo.shipped import SHIPPED_ROOT, DemoModel, ensure_demo_model
 
 __all__ = [
     "CONFIGURATION",
@@ -22,10 +26,10 @@ __all__ = [
     "LABEL_NAMES",
     "PLANS_NAME",
     "RECIPE_VERSION",
+    "SHIPPED_ROOT",
     "TRAINER_NAME",
     "DemoModel",
     "PhantomCase",
-    "demo_cache_dir",
     "ensure_demo_model",
     "generate_phantom",
     "trainer_search_path",

@@ -1,7 +1,8 @@
 """Seeded generator of small CT-like 3D phantoms with organ-like label maps.
 
-The phantoms stand in for a real CT data set so that tucker-export can train (once) and test a genuine
-nnU-Net v2 model without downloading anything. Each case is a torso-like body ellipsoid of soft tissue in
+Unit tests and benchmarks that need a known geometry (a shape, a spacing, a case of a given size) make
+them; the built-in model is trained on real CT (:mod:`.retrain`), and the phantom model of earlier
+versions survives only in ``tests/data/bundle_v1_2026-12``, which the tests segment phantoms with. Each case is a torso-like body ellipsoid of soft tissue in
 air with five structures of distinct Hounsfield units:
 
 ====  ========  =========  =========================================================

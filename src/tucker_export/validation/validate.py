@@ -139,6 +139,7 @@ class _CaseChecks:
     nsd_tolerance_mm: float
     parity_tiles: int
     device: torch.device
+    only_contoured: bool = False
 
 
 @dataclass
@@ -173,8 +174,14 @@ def validate_bundle(
     nsd_tolerance_mm: float = 2.0,
     parity_tiles: int = 4,
     progress: bool = True,
+    only_contoured: bool = False,
 ) -> ValidationReport:
-    """Compare the engine with PyTorch on the cases under ``input_path``; see the module docstring."""
+    """Compare the engine with PyTorch on the cases under ``input_path``; see the module docstring.
+
+    ``only_contoured``: a structure is scored against ``labels_dir`` only in cases whose label map
+    contains it. Clinical contours leave out what a case's planner did not need, and a structure left
+    out is unknown there, not background.
+    """
     from tqdm import tqdm
 
     from tucker_export.bundle import Bundle
@@ -189,7 +196,7 @@ def validate_bundle(
     file_ending = spec.dataset_json["file_ending"]
     cases = discover_cases(input_path, num_channels=spec.num_input_channels, file_ending=file_ending)
     checks = _CaseChecks(spec, selected, [label for label in spec.label_names if label != 0], file_ending,
-                         labels_dir, min_dice, nsd_tolerance_mm, parity_tiles, torch_device)
+                         labels_dir, min_dice, nsd_tolerance_mm, parity_tiles, torch_device, only_contoured)
 
     failures: list[str] = []
     parity = {str(f): FoldParity(str(f)) for f in selected}
@@ -211,7 +218,8 @@ def validate_bundle(
         folds=[str(f) for f in selected],
         settings={"step_size": step_size, "mirroring": use_mirroring, "batch_size": batch_size, "device": str(device),
                   "nsd_tolerance_mm": nsd_tolerance_mm, "parity_tiles": parity_tiles, "min_dice": min_dice,
-                  "max_abs_logit": max_abs_logit, "labels_dir": str(labels_dir) if labels_dir else None},
+                  "max_abs_logit": max_abs_logit, "labels_dir": str(labels_dir) if labels_dir else None,
+                  "only_contoured": only_contoured},
         parity={k: v.to_dict() for k, v in parity.items()},
         cases=case_reports,
         summary=summary,
@@ -321,8 +329,12 @@ def _compare_with_truth(
     if labels_dir is not None and truth is None:
         failures.append(f"case {case.name}: no reference label file {case.name}{checks.file_ending} in {labels_dir}")
     elif truth is not None:
+        scored = checks.foreground
+        if checks.only_contoured:
+            present = set(np.unique(truth).tolist())
+            scored = [label for label in scored if label in present]
         for name in ("engine", "reference"):
-            versus_truth = compute_class_metrics(segs[name], truth, checks.foreground, spacing,
+            versus_truth = compute_class_metrics(segs[name], truth, scored, spacing,
                                                  nsd_tolerance_mm=checks.nsd_tolerance_mm)
             report[f"{name}_vs_truth"] = {str(k): v.to_dict() for k, v in versus_truth.items()}
             report[f"{name}_vs_truth_summary"] = summarize(versus_truth)
@@ -349,6 +361,14 @@ def _overall_summary(case_reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
         if values:
             summary[f"{key}_mean_dice"] = float(np.mean(values))
             summary[f"{key}_min_case_dice"] = float(np.min(values))
+        per_class: dict[str, list[float]] = {}
+        for r in case_reports.values():
+            for label, metrics in r.get(key, {}).items():
+                if metrics["status"] != "absent" and metrics["dice"] is not None:
+                    per_class.setdefault(label, []).append(metrics["dice"])
+        if per_class:
+            # Per class over the cases that count it: the figure a per-structure table reports.
+            summary[f"{key}_dice_per_class"] = {label: float(np.mean(v)) for label, v in sorted(per_class.items())}
     return summary
 
 
@@ -373,7 +393,12 @@ def format_validation_report(report: ValidationReport, label_names: dict[int, st
                      f"{fmt(egt):>12}{fmt(rgt):>11}")
     lines.append("")
     lines.append("mean: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                       for k, v in report.summary.items()))
+                                       for k, v in report.summary.items() if not isinstance(v, dict)))
+    for key, per_class in report.summary.items():
+        if isinstance(per_class, dict):
+            names = label_names or {}
+            lines.append(f"{key}: " + ", ".join(f"{names.get(int(label), label)} {dice:.4f}"
+                                                for label, dice in per_class.items()))
     if report.failures:
         lines.append(f"FAILED ({len(report.failures)} check(s)):")
         lines.extend(f"  - {failure}" for failure in report.failures)
