@@ -190,25 +190,25 @@ def test_model_folder_through_onnx_runtime(model_dir: Path, input_dir: Path, tmp
 
 
 @pytest.mark.slow
-def test_demo_ort_matches_stock_nnunetv2_predict(demo_model, tmp_path: Path, monkeypatch) -> None:
-    """The issue's bar: infer -m --backend ort vs stock nnUNetv2_predict, same settings, Dice >= 0.99 per class."""
+def test_demo_ort_matches_stock_nnunetv2_predict(demo_crops, tmp_path: Path, monkeypatch) -> None:
+    """infer -m --backend ort vs stock nnUNetv2_predict on the real-CT model, same settings, Dice >= 0.99 per class."""
     import os
     import subprocess
     import sys
 
     monkeypatch.setenv("TUCKER_EXPORT_CACHE", str(tmp_path / "cache"))
-    folds = [str(f) for f in demo_model.folds]
-    result = CliRunner().invoke(cli, ["-q", "infer", "-i", str(demo_model.test_images_dir), "-o", str(tmp_path / "ours"),
-                                      "-m", str(demo_model.model_dir), "--backend", "ort", "--disable-tta",
+    folds = [str(f) for f in demo_crops.folds]
+    result = CliRunner().invoke(cli, ["-q", "infer", "-i", str(demo_crops.test_images_dir), "-o", str(tmp_path / "ours"),
+                                      "-m", str(demo_crops.model_dir), "--backend", "ort", "--disable-tta",
                                       "-f", ",".join(folds)])
     assert result.exit_code == 0, result.output
-    env = dict(os.environ, nnUNet_results=str(demo_model.results_dir),
-               nnUNet_extTrainer=str(demo_model.trainer_search_path),
+    env = dict(os.environ, nnUNet_results=str(demo_crops.results_dir),
+               nnUNet_extTrainer=str(demo_crops.trainer_search_path),
                nnUNet_raw=str(tmp_path), nnUNet_preprocessed=str(tmp_path))
     subprocess.run(
-        [str(Path(sys.executable).parent / "nnUNetv2_predict"), "-i", str(demo_model.test_images_dir),
-         "-o", str(tmp_path / "stock"), "-d", demo_model.dataset_name, "-tr", demo_model.trainer_name,
-         "-p", demo_model.plans_name, "-c", demo_model.configuration, "-f", *folds, "--disable_tta",
+        [str(Path(sys.executable).parent / "nnUNetv2_predict"), "-i", str(demo_crops.test_images_dir),
+         "-o", str(tmp_path / "stock"), "-d", demo_crops.dataset_name, "-tr", demo_crops.trainer_name,
+         "-p", demo_crops.plans_name, "-c", demo_crops.configuration, "-f", *folds, "--disable_tta",
          "-device", "cpu"],
         env=env, check=True, capture_output=True,
     )

@@ -200,8 +200,11 @@ def write_split(preprocessed: Path, names: list[str], num_validation: int, seed:
 
 
 def train_fold(trainer_cls: Any, fold: int, on_iteration: Callable[[int], object] | None, *,
-               resume: bool = False) -> Any:  # fmt: skip
-    """Train one fold with nnU-Net's trainer, seeded; ``resume`` continues from ``checkpoint_latest.pth``."""
+               resume: bool = False, on_resume: Callable[[int], object] | None = None) -> Any:  # fmt: skip
+    """Train one fold with nnU-Net's trainer, seeded; ``resume`` continues from ``checkpoint_latest.pth``.
+
+    ``on_resume`` is called with the epoch training resumes at.
+    """
     import torch
     from nnunetv2.paths import nnUNet_preprocessed
 
@@ -217,5 +220,7 @@ def train_fold(trainer_cls: Any, fold: int, on_iteration: Callable[[int], object
             latest = Path(trainer.output_folder) / "checkpoint_latest.pth"
             if latest.is_file():
                 trainer.load_checkpoint(str(latest))
+                if on_resume is not None:
+                    on_resume(trainer.current_epoch)
         trainer.run_training()
     return trainer

@@ -47,6 +47,8 @@ DEMO_RANK_FACTOR = 0.1
 #: Label-free fine-tuning of that bundle: steps and the time cap the recipe gives it.
 FINETUNE_STEPS = 400
 FINETUNE_MAX_MINUTES = 15.0
+FINETUNE_TRAIN_TILES = 96
+FINETUNE_HELD_OUT_TILES = 16
 
 #: How many held-out patients ship with the package (from ``imagesTs``, all kept structures contoured).
 NUM_SHIPPED_TEST_PATIENTS = 4

@@ -15,6 +15,7 @@ nnU-Net's console goes to ``build.log`` in the work folder.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -103,12 +104,20 @@ def train_model(work_dir: Path | None = None, data_dir: Path | None = None, *, p
             total = trainer_cls.HN_NUM_EPOCHS * trainer_cls.HN_ITERATIONS_PER_EPOCH
             bar = _progress_bar(progress, total, console, f"training fold {fold}")
             resume = (model_dir_in(results) / f"fold_{fold}" / "checkpoint_latest.pth").is_file()
+
+            def resumed_at(epoch: int, bar=bar, fold=fold) -> None:
+                logger.info("Recipe: fold %s resumes at epoch %s", fold, epoch)
+                if bar is not None:
+                    bar.reset(total=(trainer_cls.HN_NUM_EPOCHS - epoch) * trainer_cls.HN_ITERATIONS_PER_EPOCH)
+
             try:
-                trainer = nnunet_run.train_fold(trainer_cls, fold, bar.update if bar else None, resume=resume)
+                trainer = nnunet_run.train_fold(trainer_cls, fold, bar.update if bar else None, resume=resume,
+                                                on_resume=resumed_at)  # fmt: skip
             finally:
                 if bar is not None:
                     bar.close()
             state.mark(stage, time.monotonic() - started, resumed=resume, bf16_autocast=trainer.use_bf16_autocast,
+                       skipped_steps=trainer.skipped_steps,
                        schedule={"epochs": trainer.num_epochs, "iterations_per_epoch": trainer.num_iterations_per_epoch,
                                  "weight_decay": trainer.weight_decay})  # fmt: skip
     return model_dir_in(results)
@@ -210,58 +219,69 @@ Medical Physics 48(9), 2021.
 """
 
 
-def evaluate_on_test_patients(model_dir: Path, data_dir: Path, *, progress: bool = True,
-                              labels_out: Path | None = None) -> dict[str, Any]:  # fmt: skip
-    """Dice of the model against the clinical contours of every ``imagesTs`` patient, with nnU-Net's own predictor.
-
-    A structure is scored only in patients whose reference contours it. ``labels_out`` receives every
-    patient's contours in the model's label values (for ``tucker-export validate --labels``).
-    """
-    import math
-
+def write_test_labels(data_dir: Path, labels_out: Path) -> list[str]:
+    """Every ``imagesTs`` patient's contours in the model's label values (for ``validate --labels``)."""
     import nibabel as nib
-    import numpy as np
-    import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from tucker_export.demo.openkbp import contoured_structures, patients, read_patient, to_model_labels
-    from tucker_export.demo.recipe import LABEL_NAMES
-    from tucker_export.validation.metrics import label_dice
+    from tucker_export.demo.openkbp import patients, read_patient, to_model_labels
 
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
-                                perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
-                                verbose_preprocessing=False, allow_tqdm=False)  # fmt: skip
-    with nnunet_run.environment({"nnUNet_extTrainer": str(nnunet_run.trainer_search_path())}):
-        predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=FOLDS,
-                                                       checkpoint_name="checkpoint_final.pth")  # fmt: skip
-    test_patients = patients(data_dir, "Ts")
-    bar = _progress_bar(progress, len(test_patients), None, "held-out patients")
-    per_case: dict[str, dict[str, float]] = {}
-    started = time.monotonic()
-    for patient in test_patients:
+    labels_out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for patient in patients(data_dir, "Ts"):
         _, openkbp_labels, image = read_patient(patient)
-        reference = to_model_labels(openkbp_labels)
-        if labels_out is not None:
-            labels_out.mkdir(parents=True, exist_ok=True)
-            nib.save(nib.Nifti1Image(reference, image.affine, image.header), str(labels_out / patient.label.name))
-        [prediction] = predictor.predict_from_files_sequential([[str(patient.image)]], None, save_probabilities=False)
-        contoured = sorted(contoured_structures(openkbp_labels))
-        scores = label_dice(np.asarray(prediction), reference, contoured)
-        per_case[patient.name] = {LABEL_NAMES[v]: round(float(s), 4) for v, s in scores.items() if not math.isnan(s)}
-        if bar is not None:
-            bar.update()
-    if bar is not None:
-        bar.close()
-    dice = {}
-    for value, name in sorted(LABEL_NAMES.items()):
-        values = [d[name] for d in per_case.values() if name in d]
-        if value and values:
-            dice[name] = round(float(np.mean(values)), 4)
-    return {"dice_per_structure": dice, "mean_dice": round(float(np.mean(list(dice.values()))), 4),
-            "dice_per_case": per_case, "patients": len(per_case), "seconds": round(time.monotonic() - started, 1)}
+        nib.save(nib.Nifti1Image(to_model_labels(openkbp_labels), image.affine, image.header),
+                 str(labels_out / patient.label.name))
+        names.append(patient.name)
+    return names
 
 
-def make_finetuned_bundle(model_root: Path, data_dir: Path, work_dir: Path, *, progress: bool = True) -> dict[str, Any]:
+def evaluate_on_test_patients(model_dir: Path, bundle: Path, data_dir: Path, work_dir: Path, *,
+                              progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """``validate`` of the fine-tuned Tucker bundle on every ``imagesTs`` patient, against the original model.
+
+    One pass per patient gives the original model against the clinical contours (nnU-Net's prediction
+    in PyTorch, the reference side), and the Tucker bundle (ONNX Runtime fp32, so the figure is the
+    decomposition's, not an engine's) against the original and against the contours. A structure is
+    scored against the contours only in patients whose contours include it.
+    """
+    import shutil
+
+    from tucker_export.demo.recipe import LABEL_NAMES
+    from tucker_export.exporter.onnx_export import export_bundle
+    from tucker_export.validation.validate import validate_bundle
+
+    labels = work_dir / "test" / "labelsTs"
+    write_test_labels(data_dir, labels)
+    exported = work_dir / "validate-bundle"
+    shutil.rmtree(exported, ignore_errors=True)
+    shutil.copytree(bundle, exported)
+    export_bundle(exported, precisions=("fp32",), progress=progress)
+    started = time.monotonic()
+    report = validate_bundle(exported, data_dir / "imagesTs", labels_dir=labels, backend="ort", precision="fp32",
+                             against="original", reference_model=model_dir, use_mirroring=False, parity_tiles=1,
+                             only_contoured=True, progress=progress, report_path=work_dir / "validate_test.json")
+    summary = report.summary
+
+    def per_structure(key: str) -> dict[str, float]:
+        return {LABEL_NAMES[int(label)]: round(value, 4) for label, value in summary[f"{key}_dice_per_class"].items()}
+
+    original = per_structure("reference_vs_truth")
+    per_case = {name: {LABEL_NAMES[int(k)]: round(v["dice"], 4) for k, v in case["reference_vs_truth"].items()
+                       if v["status"] != "absent"} for name, case in report.cases.items()}
+    return {
+        "dice_per_structure": original,
+        "mean_dice": round(sum(original.values()) / len(original), 4),
+        "dice_per_case": per_case,
+        "patients": len(report.cases),
+        "tucker_finetuned": {"vs_original": per_structure("engine_vs_reference"),
+                             "vs_contours": per_structure("engine_vs_truth"),
+                             "engine": f"{report.backend} {report.precision}", "failures": report.failures},
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def make_finetuned_bundle(model_root: Path, data_dir: Path, work_dir: Path, *, final_root: Path | None = None,
+                          progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Decompose the exported model at ``DEMO_RANK_FACTOR`` and fine-tune it without labels on ``imagesTr``.
 
     The bundle (weights and manifest, no ONNX: the demo exports what it runs) goes to
@@ -269,22 +289,29 @@ def make_finetuned_bundle(model_root: Path, data_dir: Path, work_dir: Path, *, p
     """
     import shutil
 
-    from tucker_export.demo.recipe import DEMO_RANK_FACTOR, FINETUNE_MAX_MINUTES, FINETUNE_STEPS
+    from tucker_export.demo import recipe
     from tucker_export.demo.shipped import finetuned_bundle_dir
     from tucker_export.exporter.decompose import decompose_model
     from tucker_export.exporter.ranks import RankPolicy
     from tucker_export.finetune import FinetuneSettings, finetune_bundle
 
     model_dir = model_dir_in(Path(model_root) / "nnUNet_results")
-    staging = work_dir / f"bundle-rank{DEMO_RANK_FACTOR}"
-    decompose_model(model_dir, staging, policy=RankPolicy(mode="relative", factor=DEMO_RANK_FACTOR), overwrite=True,
-                    progress=progress)  # fmt: skip
-    settings = FinetuneSettings(steps=FINETUNE_STEPS, max_minutes=FINETUNE_MAX_MINUTES)
+    staging = work_dir / f"bundle-rank{recipe.DEMO_RANK_FACTOR}"
+    decompose_model(model_dir, staging, policy=RankPolicy(mode="relative", factor=recipe.DEMO_RANK_FACTOR),
+                    overwrite=True, progress=progress)  # fmt: skip
+    settings = FinetuneSettings(steps=recipe.FINETUNE_STEPS, max_minutes=recipe.FINETUNE_MAX_MINUTES,
+                                train_tiles=recipe.FINETUNE_TRAIN_TILES, held_out_tiles=recipe.FINETUNE_HELD_OUT_TILES)
     report = finetune_bundle(staging, data_dir / "imagesTr", settings=settings, progress=progress)
     target = finetuned_bundle_dir(model_root)
     shutil.rmtree(target, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(staging, target, ignore=shutil.ignore_patterns("onnx", "engines", "*.onnx"))
+    shutil.copytree(staging, target, ignore=shutil.ignore_patterns("onnx", "engines", "cpu_engines", "*.onnx"))
+    # The manifest names the model folder it came from: the model's final place, not the staging folder.
+    manifest_path = target / "bundle.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["source"]["model_dir"] = str(model_dir_in(Path(final_root or model_root) / "nnUNet_results"))
+    manifest["onnx"] = {}
+    write_json_atomic(manifest_path, manifest)
     return report.to_dict() if hasattr(report, "to_dict") else {"folds": str(report)}
 
 
@@ -295,9 +322,12 @@ def _machine() -> dict[str, Any]:
     return {k: env[k] for k in ("cpu", "cpu_kind", "usable_cpus", "torch_threads", "versions", "platform")}
 
 
-def write_report(out_root: Path, model_dir: Path, state: dict[str, Any], evaluation: dict[str, Any],
-                 shipped_evaluation: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-    """``recipe_report.json``: what was trained on what, how long it took where, the checksum and the Dice."""
+def write_report(out_root: Path, model_dir: Path, state: dict[str, Any], finetuning: dict[str, Any]) -> dict[str, Any]:
+    """``recipe_report.json``: what was trained on what, how long it took where, and the checksum.
+
+    The held-out Dice is added by :func:`record_held_out_evaluation` (``dice_per_structure`` stays empty
+    until then).
+    """
     from tucker_export._io import sha256_file
     from tucker_export.demo.recipe import (
         CONFIGURATION,
@@ -318,32 +348,63 @@ def write_report(out_root: Path, model_dir: Path, state: dict[str, Any], evaluat
         "folds": list(FOLDS),
         "label_names": {str(k): v for k, v in LABEL_NAMES.items()},
         "openkbp_label_values": {name: value for value, name in KEPT_STRUCTURES},
-        "dice_per_structure": evaluation["dice_per_structure"],
-        "mean_dice": evaluation["mean_dice"],
-        "test_patients": evaluation["patients"],
-        "dice_per_case": evaluation["dice_per_case"],
-        "shipped_test_patients": shipped_evaluation,
+        "dice_per_structure": {},
         "training_patients": len(stages["plan"]["split"]["train"]),
         "validation_patients": stages["plan"]["split"]["val"],
         "network": stages["plan"]["network"],
         "training": {k: v for k, v in stages.items() if k.startswith("train_fold")},
-        "wall_time_s": {name: stage["seconds"] for name, stage in stages.items()} | {"evaluate": evaluation["seconds"]},
+        "wall_time_s": {name: stage["seconds"] for name, stage in stages.items()},
         "machine": state.get("machine") or _machine(),
         "checkpoint_sha256": {
             str(fold): sha256_file(model_dir / f"fold_{fold}" / "checkpoint_final.pth") for fold in FOLDS
         },
         "weights_storage": "fp16 (the shipped model is the fp16-rounded network; it runs in fp32)",
+        "finetuned_bundle": {"finetuning": finetuning},
     }
     write_json_atomic(out_root / "recipe_report.json", report)
     return report
 
 
+def record_held_out_evaluation(model_root: Path, data_dir: Path | None = None, work_dir: Path | None = None, *,
+                               progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Validate the model in ``model_root`` on every held-out patient and add the figures to its report.
+
+    This is the slow part of the recipe (two full predictions per patient), so it is a stage of its own:
+    a model is usable, and ships, before it has run.
+    """
+    from tucker_export.demo.shipped import finetuned_bundle_dir
+
+    data_dir = check_data_dir(Path(data_dir) if data_dir is not None else default_data_dir())
+    work_dir = Path(work_dir) if work_dir is not None else default_work_dir()
+    model_root = Path(model_root)
+    model_dir = model_dir_in(model_root / "nnUNet_results")
+    evaluation = evaluate_on_test_patients(model_dir, finetuned_bundle_dir(model_root), data_dir, work_dir,
+                                           progress=progress)  # fmt: skip
+    report_path = model_root / "recipe_report.json"
+    import json
+
+    report = json.loads(report_path.read_text())
+    shipped = sorted(p.name[: -len(".nii.gz")] for p in (model_root / "test" / "labelsTs").glob("*.nii.gz"))
+    report.update({
+        "dice_per_structure": evaluation["dice_per_structure"],
+        "mean_dice": evaluation["mean_dice"],
+        "test_patients": evaluation["patients"],
+        "dice_per_case": evaluation["dice_per_case"],
+        "shipped_test_patients": {name: evaluation["dice_per_case"].get(name) for name in shipped},
+    })
+    report["finetuned_bundle"]["test_patients"] = evaluation["tucker_finetuned"]
+    report["wall_time_s"]["evaluate"] = evaluation["seconds"]
+    write_json_atomic(report_path, report)
+    return report
+
+
 def rebuild_demo_model(out_root: Path, *, work_dir: Path | None = None, data_dir: Path | None = None,
-                       progress: bool = True) -> Path:  # fmt: skip
-    """The whole recipe: train (or resume) in ``work_dir``, export into ``out_root``, evaluate, report.
+                       progress: bool = True, evaluate: bool = True) -> Path:  # fmt: skip
+    """The whole recipe: train (or resume) in ``work_dir``, export into ``out_root``, fine-tune, evaluate.
 
     ``out_root`` is written in a staging folder and swapped in only when complete, so a failure keeps the
-    model that was there. Returns ``out_root``.
+    model that was there; the held-out evaluation (``evaluate``) runs on the model in place after.
+    Returns ``out_root``.
     """
     from tucker_export._io import staged_folder
 
@@ -356,15 +417,12 @@ def rebuild_demo_model(out_root: Path, *, work_dir: Path | None = None, data_dir
         write_json_atomic(state.path, state.data)
     with staged_folder(out_root) as staging:
         model_dir = export_model(trained, data_dir, staging, state.data["stages"]["plan"]["split"]["val"])
-        logger.info("Recipe: measuring Dice on the held-out patients of %s", data_dir)
-        evaluation = evaluate_on_test_patients(model_dir, data_dir, progress=progress,
-                                               labels_out=work_dir / "test" / "labelsTs")  # fmt: skip
-        shipped = sorted(p.name[: -len(".nii.gz")] for p in (staging / "test" / "labelsTs").glob("*.nii.gz"))
-        shipped_eval = {name: evaluation["dice_per_case"][name] for name in shipped}
         logger.info("Recipe: decomposing at the demo's rank factor and fine-tuning without labels")
-        finetuning = make_finetuned_bundle(staging, data_dir, work_dir, progress=progress)
-        report = write_report(staging, model_dir, state.data, evaluation, shipped_eval)
-        report["finetuned_bundle"] = finetuning
-        write_json_atomic(staging / "recipe_report.json", report)
-    logger.info("Recipe: model written to %s (mean held-out Dice %.3f)", out_root, evaluation["mean_dice"])
+        finetuning = make_finetuned_bundle(staging, data_dir, work_dir, final_root=Path(out_root).resolve(),
+                                           progress=progress)  # fmt: skip
+        write_report(staging, model_dir, state.data, finetuning)
+    if evaluate:
+        logger.info("Recipe: validating on the held-out patients of %s", data_dir)
+        report = record_held_out_evaluation(out_root, data_dir, work_dir, progress=progress)
+        logger.info("Recipe: model written to %s (mean held-out Dice %.3f)", out_root, report["mean_dice"])
     return Path(out_root)

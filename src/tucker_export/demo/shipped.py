@@ -118,7 +118,7 @@ def load_model(root: Path) -> DemoModel:
             trainer_search_path=trainer_search_path(),
             folds=folds,
             label_names={int(k): str(v) for k, v in report["label_names"].items()},
-            dice_per_structure={str(k): float(v) for k, v in report["dice_per_structure"].items()},
+            dice_per_structure={str(k): float(v) for k, v in report.get("dice_per_structure", {}).items()},
             root=root,
             results_dir=root / "nnUNet_results",
         )

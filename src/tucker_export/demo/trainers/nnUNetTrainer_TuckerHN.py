@@ -18,13 +18,16 @@ What differs from nnUNetTrainer, and why:
   ``inference_allowed_mirroring_axes`` is ``None`` and ``nnUNetPredictor`` runs one pass per tile.
   The rest of nnU-Net's augmentation (rotation, scaling, noise, blur, brightness, contrast, low
   resolution, gamma) is kept;
-* bf16 autocast for the forward pass where the CPU computes bf16 natively (AVX512-BF16 or AMX; the
-  build records which). The weights and the optimizer stay fp32, so the checkpoint is an ordinary
-  fp32 one. On such a CPU a step is about 3x faster; elsewhere training runs in fp32;
+* bf16 autocast for the network's forward pass where the CPU computes bf16 natively (AVX512-BF16 or
+  AMX; the build records which), with the loss computed in fp32 on the outputs cast back. The weights
+  and the optimizer stay fp32, so the checkpoint is an ordinary fp32 one. On such a CPU a step is
+  about 3x faster; elsewhere training runs in fp32. A step whose loss is not finite is skipped (and
+  counted in ``skipped_steps``) instead of writing NaN into the weights: a first run of this recipe,
+  with its loss inside the autocast region and weight decay 1e-2, went NaN in its third epoch;
 * weight decay ``HN_WEIGHT_DECAY`` instead of 3e-5: the network is normalised after every
-  convolution, so decay only removes directions the data never pushes on. Those are what a Tucker
+  convolution, so decay mostly removes directions the data never pushes on. Those are what a Tucker
   decomposition truncates, and with a short schedule they would otherwise still hold the random
-  initialisation;
+  initialisation. It also sets the optimizer's decay on a resumed run (a checkpoint stores its own);
 * a checkpoint every ``HN_SAVE_EVERY`` epochs (``checkpoint_latest.pth``, resumable), and nnU-Net's
   progress plot (a 30 x 54 inch figure, seconds per call on a small CPU) drawn once at the end;
 * an optional ``progress_callback`` (called with 1 after each training iteration) so a caller that
@@ -64,10 +67,10 @@ def cpu_has_native_bf16() -> bool:
 
 class nnUNetTrainer_TuckerHN(nnUNetTrainer):
     #: The recipe; the build reads these to size its progress bar and to record what it ran.
-    HN_NUM_EPOCHS = 16
+    HN_NUM_EPOCHS = 14
     HN_ITERATIONS_PER_EPOCH = 250
     HN_VAL_ITERATIONS_PER_EPOCH = 5
-    HN_WEIGHT_DECAY = 1e-2
+    HN_WEIGHT_DECAY = 3e-3
     HN_SAVE_EVERY = 2
 
     def __init__(
@@ -92,6 +95,7 @@ class nnUNetTrainer_TuckerHN(nnUNetTrainer):
         )
         self.logger = logger
         self.progress_callback: Callable[[int], object] | None = None
+        self.skipped_steps = 0
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         """nnU-Net's rotation and patch settings, with mirroring switched off (see the module docstring)."""
@@ -106,14 +110,38 @@ class nnUNetTrainer_TuckerHN(nnUNetTrainer):
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def train_step(self, batch: dict) -> dict:
+    def _forward(self, data: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """The network under bf16 autocast (where native), its outputs back in fp32 for the loss."""
         with self._autocast():
-            result = super().train_step(batch)
+            output = self.network(data)
+        if isinstance(output, (list, tuple)):
+            return [o.float() for o in output]
+        return output.float()
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = self.weight_decay
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device)
+        target = batch["target"]
+        target = [t.to(self.device) for t in target] if isinstance(target, list) else target.to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(self._forward(data), target)
+        if torch.isfinite(loss):
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)  # nnU-Net's clipping
+            self.optimizer.step()
+        else:
+            self.skipped_steps += 1
+            self.print_to_log_file(f"non-finite loss ({loss.item()}); step skipped ({self.skipped_steps} so far)")
         if self.progress_callback is not None:
             self.progress_callback(1)
-        return result
+        return {"loss": loss.detach().cpu().numpy()}
 
     def validation_step(self, batch: dict) -> dict:
+        # nnU-Net's validation step calls self.network itself; autocast covers it, outputs are only compared.
         with self._autocast():
             return super().validation_step(batch)
 
