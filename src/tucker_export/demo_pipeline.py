@@ -140,21 +140,31 @@ def run_demo_pipeline(model: DemoModel, *, work_dir: Path | None = None, progres
 
 
 def _run_finetuned(model: DemoModel, work_dir: Path, original_dir: Path, report: DemoReport, progress: bool) -> None:
-    """Segment with the shipped fine-tuned bundle (ONNX Runtime fp32: no second engine compile) and score it."""
+    """Segment with the shipped fine-tuned bundle and score it.
+
+    The bundle ships as weights only; it is copied into ``work_dir`` and exported there (the package
+    folder stays untouched), then run through ONNX Runtime fp32 (no second engine compile).
+    """
+    import shutil
+
     from tucker_export.bundle import model_checksum
     from tucker_export.errors import TuckerExportError
+    from tucker_export.exporter.onnx_export import export_bundle
     from tucker_export.inference import run_inference
 
-    path = finetuned_bundle_dir(model.root)
-    if not (path / "bundle.json").is_file():
-        report.finetuned_note = f"no fine-tuned bundle ships with this model ({path})"
+    shipped = finetuned_bundle_dir(model.root)
+    if not (shipped / "bundle.json").is_file():
+        report.finetuned_note = f"no fine-tuned bundle ships with this model ({shipped})"
         return
+    checkpoints = [model.model_dir / f"fold_{f}" / "checkpoint_final.pth" for f in model.folds]
+    if Bundle.load(shipped).source.get("checksum") != model_checksum(model.model_dir, checkpoints):
+        report.finetuned_note = "the shipped fine-tuned bundle was made from another model (retrained?)"
+        return
+    path = work_dir / "bundle-finetuned"
     try:
-        bundle = Bundle.load(path)
-        checkpoints = [model.model_dir / f"fold_{f}" / "checkpoint_final.pth" for f in model.folds]
-        if bundle.source.get("checksum") != model_checksum(model.model_dir, checkpoints):
-            report.finetuned_note = "the shipped fine-tuned bundle was made from another model (retrained?)"
-            return
+        shutil.rmtree(path, ignore_errors=True)
+        shutil.copytree(shipped, path)
+        export_bundle(path, precisions=("fp32",), progress=progress)
         out = work_dir / "segmentations-tucker-finetuned"
         run_inference(model.test_images_dir, out, bundle_path=path, backend="ort", precision="fp32", overwrite=True,
                       progress=progress)
@@ -207,8 +217,11 @@ def format_demo_report(report: DemoReport) -> str:
     lines.append(f"{'structure':<14}" + "".join(f"{title:>{width}}" for title, _ in columns))
     for name in names:
         lines.append(f"{name:<14}" + "".join(f"{values.get(name, float('nan')):>{width}.4f}" for _, values in columns))
-    lines.append(f"{'mean':<14}" + "".join(
-        f"{float(np.mean([values[n] for n in names if n in values])):>{width}.4f}" for _, values in columns))
+    def mean(values: dict[str, float]) -> float:
+        scores = [values[n] for n in names if n in values]
+        return float(np.mean(scores)) if scores else float("nan")
+
+    lines.append(f"{'mean':<14}" + "".join(f"{mean(values):>{width}.4f}" for _, values in columns))
     if report.finetuned_note:
         lines.append(f"(fine-tuned Tucker: {report.finetuned_note})")
     return "\n".join(lines)

@@ -83,7 +83,7 @@ def test_int8_calibration_is_seeded_and_recorded(demo_tucker_bundle, large_scans
     def calibrate(name: str, seed: int) -> dict:
         path = _copy(demo_tucker_bundle, tmp_path / name)
         try:
-            build_cpu_engines(path, ["int8"], calibration_dir=training_scans, calibration_tiles=24, gate_tiles=4,
+            build_cpu_engines(path, ["int8"], calibration_dir=training_scans, calibration_tiles=8, gate_tiles=4,
                               seed=seed, progress=False)
         except ValidationFailedError:
             pass  # a miss is recorded too; what is checked here is the calibration record
@@ -91,7 +91,7 @@ def test_int8_calibration_is_seeded_and_recorded(demo_tucker_bundle, large_scans
         return record
 
     first, again, other = calibrate("a", 0), calibrate("b", 0), calibrate("c", 1)
-    assert first["calibration"]["count"] == 24 and first["gate"]["tiles"]["count"] == 4
+    assert first["calibration"]["count"] == 8 and first["gate"]["tiles"]["count"] == 4
     assert first["calibration"]["cases"] and first["calibration"]["seed"] == 0
     assert first["calibration"]["sha256"] == again["calibration"]["sha256"]
     assert first["calibration"]["sha256"] != other["calibration"]["sha256"]

@@ -62,7 +62,7 @@ def _refuse(given: dict[str, object], form: str) -> None:
 @click.option("--labels", "labels_dir", type=click.Path(path_type=Path), default=None,
               help="Sweep: ground-truth label maps <case>.nii.gz; adds Dice against the truth.")
 @click.option("--demo", is_flag=True,
-              help="Sweep the built-in demo model on its held-out cases and labels (builds it on first use); "
+              help="Sweep the shipped real-CT demo model on its four held-out patients and their contours; "
                    "factors default to 0.9,0.7,0.5,0.3,0.2,0.1.")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Sweep: where NAME.json and NAME.png go.")

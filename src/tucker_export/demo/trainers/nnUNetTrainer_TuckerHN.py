@@ -21,13 +21,13 @@ What differs from nnUNetTrainer, and why:
 * bf16 autocast for the network's forward pass where the CPU computes bf16 natively (AVX512-BF16 or
   AMX; the build records which), with the loss computed in fp32 on the outputs cast back. The weights
   and the optimizer stay fp32, so the checkpoint is an ordinary fp32 one. On such a CPU a step is
-  about 3x faster; elsewhere training runs in fp32. A step whose loss is not finite is skipped (and
-  counted in ``skipped_steps``) instead of writing NaN into the weights: a first run of this recipe,
-  with its loss inside the autocast region and weight decay 1e-2, went NaN in its third epoch;
-* weight decay ``HN_WEIGHT_DECAY`` instead of 3e-5: the network is normalised after every
-  convolution, so decay mostly removes directions the data never pushes on. Those are what a Tucker
-  decomposition truncates, and with a short schedule they would otherwise still hold the random
-  initialisation. It also sets the optimizer's decay on a resumed run (a checkpoint stores its own);
+  about 3x faster; elsewhere training runs in fp32;
+* a step whose loss or gradient norm is not finite is skipped and counted (``skipped_steps``): nnU-Net
+  clips the gradient norm, and clipping a non-finite norm writes NaN into every weight. That is how
+  the first runs of this recipe died, with weight decay 1e-2 and then 3e-3: under InstanceNorm the
+  decay shrank some convolutions to a norm of 0.08 (about 1e-4 per weight), their gradients grow as the
+  inverse of that norm, and one step overflowed. Weight decay is therefore nnU-Net's own 3e-5, set
+  on the optimizer also when a run resumes (a checkpoint carries its own);
 * a checkpoint every ``HN_SAVE_EVERY`` epochs (``checkpoint_latest.pth``, resumable), and nnU-Net's
   progress plot (a 30 x 54 inch figure, seconds per call on a small CPU) drawn once at the end;
 * an optional ``progress_callback`` (called with 1 after each training iteration) so a caller that
@@ -67,10 +67,10 @@ def cpu_has_native_bf16() -> bool:
 
 class nnUNetTrainer_TuckerHN(nnUNetTrainer):
     #: The recipe; the build reads these to size its progress bar and to record what it ran.
-    HN_NUM_EPOCHS = 14
+    HN_NUM_EPOCHS = 12
     HN_ITERATIONS_PER_EPOCH = 250
     HN_VAL_ITERATIONS_PER_EPOCH = 5
-    HN_WEIGHT_DECAY = 3e-3
+    HN_WEIGHT_DECAY = 3e-5
     HN_SAVE_EVERY = 2
 
     def __init__(
@@ -129,13 +129,17 @@ class nnUNetTrainer_TuckerHN(nnUNetTrainer):
         target = [t.to(self.device) for t in target] if isinstance(target, list) else target.to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss(self._forward(data), target)
+        grad_norm = torch.tensor(float("nan"))
         if torch.isfinite(loss):
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)  # nnU-Net's clipping
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)  # nnU-Net's clipping
+        if torch.isfinite(grad_norm):
             self.optimizer.step()
         else:
+            # A non-finite gradient would make clipping write NaN into every weight.
             self.skipped_steps += 1
-            self.print_to_log_file(f"non-finite loss ({loss.item()}); step skipped ({self.skipped_steps} so far)")
+            self.print_to_log_file(f"non-finite loss {loss.item()} or gradient norm {grad_norm.item()}; step skipped "
+                                   f"({self.skipped_steps} so far)")
         if self.progress_callback is not None:
             self.progress_callback(1)
         return {"loss": loss.detach().cpu().numpy()}
