@@ -7,10 +7,14 @@ Stages, each resumable in its work folder (default ``<cache>/retrain-v<RECIPE_VE
    and a one-fold split (all but ``NUM_VALIDATION_PATIENTS`` train);
 3. training with ``nnUNetTrainer_TuckerHN`` (resumes from ``checkpoint_latest.pth`` after a stop);
 4. export: the final checkpoint stripped to what inference reads, weights stored in fp16, with the
-   plans, ``dataset.json``, the held-out test patients that ship, and ``recipe_report.json`` (wall
-   times, the machine, the model's checksum, the held-out Dice).
+   plans, ``dataset.json``, the held-out test patients and a few unlabelled training images that
+   ship, the licence notice, and ``recipe_report.json`` (wall times, the machine, the checksum);
+5. a Tucker bundle at the demo's rank factor, fine-tuned without labels on ``imagesTr``;
+6. ``validate`` on every held-out patient (:func:`record_held_out_evaluation`), which adds the Dice of
+   the original model and of the fine-tuned bundle to the report.
 
-nnU-Net's console goes to ``build.log`` in the work folder.
+Stages 4-5 are written in a staging folder that replaces the model only when complete. nnU-Net's
+console goes to ``build.log`` in the work folder.
 """
 
 from __future__ import annotations
@@ -55,8 +59,6 @@ class _State:
     """Which stages of a work folder are done, with their wall times; kept in ``retrain_state.json``."""
 
     def __init__(self, work_dir: Path) -> None:
-        import json
-
         self.path = work_dir / _STATE_NAME
         self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
@@ -381,8 +383,6 @@ def record_held_out_evaluation(model_root: Path, data_dir: Path | None = None, w
     evaluation = evaluate_on_test_patients(model_dir, finetuned_bundle_dir(model_root), data_dir, work_dir,
                                            progress=progress)  # fmt: skip
     report_path = model_root / "recipe_report.json"
-    import json
-
     report = json.loads(report_path.read_text())
     shipped = sorted(p.name[: -len(".nii.gz")] for p in (model_root / "test" / "labelsTs").glob("*.nii.gz"))
     report.update({
