@@ -57,7 +57,7 @@ def test_export_finetune_and_validate_make_a_complete_model(demo_model, stand_in
     work.mkdir()
     model_dir = retrain.export_model(demo_model.model_dir, stand_in_data, out, validation)
     finetuning = retrain.make_finetuned_bundle(out, stand_in_data, work, progress=False)
-    state = {"stages": {"plan": {"split": {"train": ["a"] * 3, "val": validation},
+    state = {"stages": {"plan": {"seconds": 1.0, "split": {"train": ["a"] * 3, "val": validation},
                                  "network": {"features_per_stage": list(recipe.FEATURES_PER_STAGE)}},
                         "train_fold_0": {"seconds": 1.0}},
              "machine": {"cpu": "test"}}
