@@ -115,12 +115,13 @@ def run_demo_pipeline(model: DemoModel, *, work_dir: Path | None = None, progres
     seconds_original = time.perf_counter() - start
 
     names = model.label_names
+    params_ratio, macs_ratio = _totals(bundle)
     report = DemoReport(
         model_dir=model.model_dir,
         bundle_dir=bundle_dir,
         tucker_output_dir=tucker_dir,
-        params_ratio=_totals(bundle)[0],
-        macs_ratio=_totals(bundle)[1],
+        params_ratio=params_ratio,
+        macs_ratio=macs_ratio,
         onnx_max_abs_diff=max((float(r.parity.max_abs_diff) for r in records), default=float("nan")),
         cases=len(original.results),
         seconds_original_torch=seconds_original,

@@ -47,6 +47,12 @@ def default_work_dir() -> Path:
     return user_cache_dir() / f"retrain-v{RECIPE_VERSION}"
 
 
+def _folders(data_dir: Path | None, work_dir: Path | None) -> tuple[Path, Path]:
+    """The checked data set (default: :func:`default_data_dir`) and the work folder (default: the cache)."""
+    data = check_data_dir(Path(data_dir) if data_dir is not None else default_data_dir())
+    return data, Path(work_dir) if work_dir is not None else default_work_dir()
+
+
 def _progress_bar(enabled: bool, total: int, stream: Any, desc: str) -> Any:
     if not enabled:
         return None
@@ -72,8 +78,7 @@ class _State:
 
 def train_model(work_dir: Path | None = None, data_dir: Path | None = None, *, progress: bool = True) -> Path:
     """Stages 1-3 of the recipe in ``work_dir``; returns the trained nnU-Net model folder."""
-    data_dir = check_data_dir(Path(data_dir) if data_dir is not None else default_data_dir())
-    work_dir = Path(work_dir) if work_dir is not None else default_work_dir()
+    data_dir, work_dir = _folders(data_dir, work_dir)
     raw, preprocessed, results = work_dir / "nnUNet_raw", work_dir / "nnUNet_preprocessed", work_dir / "nnUNet_results"
     for folder in (raw, preprocessed, results):
         folder.mkdir(parents=True, exist_ok=True)
@@ -376,8 +381,7 @@ def record_held_out_evaluation(model_root: Path, data_dir: Path | None = None, w
     """
     from tucker_export.demo.shipped import finetuned_bundle_dir
 
-    data_dir = check_data_dir(Path(data_dir) if data_dir is not None else default_data_dir())
-    work_dir = Path(work_dir) if work_dir is not None else default_work_dir()
+    data_dir, work_dir = _folders(data_dir, work_dir)
     model_root = Path(model_root)
     model_dir = model_dir_in(model_root / "nnUNet_results")
     evaluation = evaluate_on_test_patients(model_dir, finetuned_bundle_dir(model_root), data_dir, work_dir,
@@ -408,8 +412,7 @@ def rebuild_demo_model(out_root: Path, *, work_dir: Path | None = None, data_dir
     """
     from tucker_export._io import staged_folder
 
-    data_dir = check_data_dir(Path(data_dir) if data_dir is not None else default_data_dir())
-    work_dir = Path(work_dir) if work_dir is not None else default_work_dir()
+    data_dir, work_dir = _folders(data_dir, work_dir)
     trained = train_model(work_dir, data_dir, progress=progress)
     state = _State(work_dir)
     if "machine" not in state.data:
